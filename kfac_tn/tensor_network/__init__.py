@@ -1,0 +1,22 @@
+"""Pure tensor-network math: index patterns, einsum expressions, simplification, contraction."""
+
+from kfac_tn.tensor_network import expressions
+from kfac_tn.tensor_network.contraction import contract, equation
+from kfac_tn.tensor_network.geometry import ConvDim, conv_dims, layer_conv_dims
+from kfac_tn.tensor_network.index_pattern import index_pattern, mean_index_pattern
+from kfac_tn.tensor_network.network import Pattern, TensorNetwork
+from kfac_tn.tensor_network.simplify import simplify
+
+__all__ = [
+    "ConvDim",
+    "Pattern",
+    "TensorNetwork",
+    "contract",
+    "conv_dims",
+    "equation",
+    "expressions",
+    "index_pattern",
+    "layer_conv_dims",
+    "mean_index_pattern",
+    "simplify",
+]
