@@ -1,0 +1,7 @@
+"""Kronecker factors per layer kind, built on the tensor-network engine."""
+
+from kfac_tn.factors.grad_output_factor import grad_output_factor
+from kfac_tn.factors.input_factor import input_factor
+from kfac_tn.factors.layers import SUPPORTED_LAYERS
+
+__all__ = ["SUPPORTED_LAYERS", "grad_output_factor", "input_factor"]

@@ -1,0 +1,178 @@
+"""KFAC-expand (KFC) input factor as Gram matrices of shifted input windows.
+
+The KFC network ``n c i.., Π(k,o,i).., n c_ i_.., Π(k_,o,i_).. -> (c k..) (c_ k_..)``
+pairs, per output position, the input read by tap ``k`` with the one read by tap
+``k_``. Along one dimension those two inputs are a fixed offset δ apart, and all
+positions a tap reads lie on a lattice ``p = r + s·m`` over a window of ``m``. Tap
+pairs with the same (phase ``r``, step ``s``, offset δ) only differ in their
+windows, so their sums share the Gram matrices of the elementary boxes the windows
+split into. For a stride-1 3×3 convolution this needs 13 channel Grams of the
+input (δ and −δ are transposes of each other) instead of a GEMM with the 9× larger
+unfolded input, and no padded or unfolded copy is ever built: padding is handled by
+clipping windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import product
+from math import prod
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from kfac_tn.tensor_network.geometry import ConvDim
+
+
+@dataclass(frozen=True)
+class TapPair:
+    """Where the products of taps ``k`` and ``k_`` live along one dimension.
+
+    The first copy reads position ``r + s·m``, the second ``r + s·m + delta``, for
+    ``lo <= m < hi``.
+    """
+
+    k: int
+    k_: int
+    r: int
+    s: int
+    delta: int
+    lo: int
+    hi: int
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.r, self.s, self.delta)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def _clip(lo: int, hi: int, r: int, s: int, delta: int, size: int) -> tuple[int, int]:
+    """Restrict ``m`` so that ``r + s·m`` and ``r + s·m + delta`` lie in ``[0, size)``."""
+    lo = max(lo, _ceil_div(-r, s), _ceil_div(-delta - r, s))
+    hi = min(hi, _ceil_div(size - r, s), _ceil_div(size - delta - r, s))
+    return lo, hi
+
+
+@lru_cache(maxsize=512)
+def tap_pairs(dim: ConvDim) -> tuple[TapPair, ...]:
+    """All tap pairs of one dimension whose products are not identically zero."""
+    K, S, D, P, I = dim.kernel_size, dim.stride, dim.dilation, dim.pad_left, dim.input_size
+    O = dim.output_size
+    pairs = []
+    for k, k_ in product(range(K), repeat=2):
+        if dim.transposed:
+            # input i meets output o = i·S + k·D − P; the second copy sits at
+            # i + (k − k_)·D / S, which must be an integer.
+            if ((k - k_) * D) % S:
+                continue
+            r, s, delta = 0, 1, (k - k_) * D // S
+            lo, hi = _ceil_div(P - k * D, S), _ceil_div(O + P - k * D, S)
+        else:
+            start = k * D - P  # position read at o = 0
+            r, s, delta = start % S, S, (k_ - k) * D
+            lo = (start - r) // S
+            hi = lo + O
+        lo, hi = _clip(lo, hi, r, s, delta, I)
+        if lo < hi:
+            pairs.append(TapPair(k, k_, r, s, delta, lo, hi))
+    return tuple(pairs)
+
+
+def _intervals(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Elementary intervals that the windows split into (only covered ones)."""
+    cuts = sorted({b for w in windows for b in w})
+    return [
+        (a, b) for a, b in zip(cuts[:-1], cuts[1:]) if any(lo <= a and b <= hi for lo, hi in windows)
+    ]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Multi-dimensional tap pairs sharing phase, step and offset in every dimension."""
+
+    key: tuple[tuple[int, int, int], ...]
+    pairs: tuple[tuple[TapPair, ...], ...]  # each entry: one TapPair per dimension
+    boxes: tuple[tuple[tuple[int, int], ...], ...]  # elementary boxes, one interval per dim
+
+
+@lru_cache(maxsize=512)
+def _plan(dims: tuple[ConvDim, ...]) -> tuple[_Group, ...]:
+    """Group the N-d tap pairs; keep one of each (pair, transposed pair)."""
+    kernel = tuple(d.kernel_size for d in dims)
+    flat = lambda ks: sum(k * prod(kernel[j + 1 :]) for j, k in enumerate(ks))  # noqa: E731
+    groups: dict[tuple, list] = {}
+    for combo in product(*(tap_pairs(d) for d in dims)):
+        ks = tuple(p.k for p in combo)
+        ks_ = tuple(p.k_ for p in combo)
+        if flat(ks) > flat(ks_):
+            continue  # filled in by symmetry
+        groups.setdefault(tuple(p.key for p in combo), []).append(combo)
+    plan = []
+    for key, combos in groups.items():
+        per_dim = [_intervals([(c[j].lo, c[j].hi) for c in combos]) for j in range(len(dims))]
+        plan.append(_Group(key, tuple(combos), tuple(product(*per_dim))))
+    return tuple(plan)
+
+
+def _box_view(x_cl: Tensor, key, box, second: bool) -> Tensor:
+    """Channels-last slice of the box, first (or shifted second) copy."""
+    index = [slice(None)]
+    for (r, s, delta), (a, b) in zip(key, box):
+        start = r + s * a + (delta if second else 0)
+        index.append(slice(start, start + s * (b - a - 1) + 1, s))
+    return x_cl[tuple(index)]
+
+
+def kfc_factor(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**24) -> Tensor:
+    """KFAC-expand input factor, shape ``[G, C·K.., C·K..]`` with C channels per group.
+
+    Equals ``1/(N·O) Σ_{n,o} u uᵀ`` of the unfolded input ``u`` (rows ``(c, k..)``),
+    computed from shifted-window Grams. ``x``: ``[N, G·C, I..]``; the batch is processed
+    in chunks of about ``chunk_bytes`` of input to bound temporary memory.
+    """
+    dims = tuple(dims)
+    N, GC = x.shape[:2]
+    C = GC // groups
+    kernel = tuple(d.kernel_size for d in dims)
+    plan = _plan(dims)
+    # per pair, the boxes its window covers
+    cover = []
+    for group in plan:
+        for combo in group.pairs:
+            inside = [
+                b for b, box in enumerate(group.boxes)
+                if all(p.lo <= a and e <= p.hi for p, (a, e) in zip(combo, box))
+            ]
+            cover.append(inside)
+    factor = x.new_zeros((groups, C) + kernel + (C,) + kernel)
+    per_sample = x[0].numel() * x.element_size()
+    chunk = max(1, chunk_bytes // max(per_sample, 1))
+    for start in range(0, N, chunk):
+        x_cl = x[start : start + chunk].movedim(1, -1).contiguous()
+        c = 0
+        for group in plan:
+            grams = []
+            for box in group.boxes:
+                u = _box_view(x_cl, group.key, box, False).reshape(-1, groups, C)
+                v = _box_view(x_cl, group.key, box, True).reshape(-1, groups, C)
+                if groups == 1:
+                    grams.append((u[:, 0].T @ v[:, 0]).unsqueeze(0))
+                else:
+                    grams.append(torch.bmm(u.permute(1, 2, 0), v.transpose(0, 1)))
+            for combo in group.pairs:
+                block = sum(grams[b] for b in cover[c])
+                c += 1
+                ks = tuple(p.k for p in combo)
+                ks_ = tuple(p.k_ for p in combo)
+                target = (slice(None), slice(None)) + ks + (slice(None),) + ks_
+                factor[target] += block
+                if ks != ks_:
+                    factor[(slice(None), slice(None)) + ks_ + (slice(None),) + ks] += block.transpose(1, 2)
+    d = C * prod(kernel)
+    positions = prod(dim.output_size for dim in dims)
+    return factor.reshape(groups, d, d).div_(N * positions)
