@@ -1,0 +1,115 @@
+"""Layer-level input/grad-output factors against unfold references and curvlinops (float64)."""
+
+import pytest
+import torch
+from curvlinops import KFACLinearOperator
+from curvlinops.kfac import FisherType, KFACType
+from hypothesis import given, settings
+from torch import nn
+
+import kfac_tn
+from conv_cases import conv_layers, reference_input_factor
+
+
+@given(conv_layers(), __import__("hypothesis").strategies.sampled_from(["expand", "reduce"]))
+@settings(max_examples=80, deadline=None)
+def test_input_factor_matches_unfold_reference(case, approx):
+    layer, x = case
+    ours = kfac_tn.input_factor(layer, x, approx)
+    ref = reference_input_factor(layer, x, approx)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_weight_sharing(approx, bias):
+    layer = nn.Linear(4, 3, bias=bias).double()
+    x = torch.randn(5, 2, 6, 4, dtype=torch.float64)
+    rows = x.reshape(5, 12, 4)
+    if bias:
+        rows = torch.cat([rows, torch.ones(5, 12, 1, dtype=torch.float64)], dim=-1)
+    if approx == "expand":
+        ref = torch.einsum("npi,npj->ij", rows, rows) / 60
+    else:
+        mean = rows.mean(1)
+        ref = mean.T @ mean / 5
+    torch.testing.assert_close(kfac_tn.input_factor(layer, x, approx), ref.unsqueeze(0))
+
+
+def _curvlinops_factors(model, X, y, approx):
+    loss_func = nn.CrossEntropyLoss()
+    params = [p for p in model.parameters()]
+    kfac = KFACLinearOperator(
+        model, loss_func, params, [(X, y)], fisher_type=FisherType.EMPIRICAL,
+        kfac_approx=KFACType.EXPAND if approx == "expand" else KFACType.REDUCE,
+        check_deterministic=False, separate_weight_and_bias=False,
+    )
+    kfac.compute_kronecker_factors()
+    state = kfac.state_dict()
+    return state["input_covariances"], state["gradient_covariances"]
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_factors_match_curvlinops_on_conv2d_and_linear(approx):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, (2, 3), stride=(2, 1), dilation=(1, 2), bias=False),
+        nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 6),
+    ).double()
+    X = torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 6, (7,))
+    inputs, grads = {}, {}
+    for name, module in model.named_children():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            def hook(mod, inp, out, name=name):
+                inputs[name] = inp[0].detach()
+                out.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+            module.register_forward_hook(hook)
+    nn.CrossEntropyLoss()(model(X), y).backward()
+    ref_a, ref_g = _curvlinops_factors(model, X, y, approx)
+    for name in inputs:
+        layer = model.get_submodule(name)
+        a = kfac_tn.input_factor(layer, inputs[name], approx)
+        g = kfac_tn.grad_output_factor(layer, grads[name], approx, loss_average="batch")
+        torch.testing.assert_close(a[0], ref_a[name])
+        torch.testing.assert_close(g[0], ref_g[name])
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("loss_average", [None, "batch", "batch+sequence"])
+def test_grad_output_factor_grouped_conv(approx, loss_average):
+    layer = nn.Conv1d(3, 6, 3, groups=3).double()
+    g = torch.randn(5, 6, 7, dtype=torch.float64)
+    scale = {None: 1, "batch": 5, "batch+sequence": 35}[loss_average]
+    blocks = g.unflatten(1, (3, 2))  # [N, G, D, P]
+    if approx == "expand":
+        ref = torch.einsum("ngdp,ngep->gde", blocks, blocks)
+    else:
+        s = blocks.sum(-1)
+        ref = torch.einsum("ngd,nge->gde", s, s)
+    out = kfac_tn.grad_output_factor(layer, g, approx, loss_average)
+    torch.testing.assert_close(out, scale * ref)
+
+
+def test_clear_errors():
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.raises(TypeError, match="Unsupported layer BatchNorm2d"):
+        kfac_tn.input_factor(nn.BatchNorm2d(3), torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="Unknown approx 'diag'"):
+        kfac_tn.input_factor(conv, torch.randn(2, 3, 5, 5), "diag")
+    with pytest.raises(ValueError, match="batched input"):
+        kfac_tn.input_factor(conv, torch.randn(3, 5, 5))
+    with pytest.raises(ValueError, match="3 input channels, the input has 2"):
+        kfac_tn.input_factor(conv, torch.randn(2, 2, 5, 5))
+    with pytest.raises(ValueError, match="no output"):
+        kfac_tn.input_factor(conv, torch.randn(2, 3, 2, 2))
+    with pytest.raises(ValueError, match="Linear has 4 inputs"):
+        kfac_tn.input_factor(nn.Linear(4, 2), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="grad_output must be"):
+        kfac_tn.grad_output_factor(conv, torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="Unknown loss_average 'sum'"):
+        kfac_tn.grad_output_factor(conv, torch.randn(2, 4, 3, 3), loss_average="sum")
