@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from kfac_tn.factors.layers import check_approx, check_layer, conv_input, layer_groups
 from kfac_tn.tensor_network.averaged_unfold import averaged_unfold
-from kfac_tn.tensor_network.shift_gram import kfc_factor
+from kfac_tn.tensor_network.kfc import kfc_factor
 
 
 def _with_bias(core: Tensor, mean_row: Tensor) -> Tensor:

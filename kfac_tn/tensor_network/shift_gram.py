@@ -119,6 +119,17 @@ def _plan(dims: tuple[ConvDim, ...]) -> tuple[_Group, ...]:
     return tuple(plan)
 
 
+def shift_gram_cost(dims: tuple[ConvDim, ...], channels: int, groups: int) -> tuple[int, int]:
+    """(elements copied, multiply-adds) per sample of :func:`shift_gram_kfc`."""
+    copied = macs = 0
+    for group in _plan(dims):
+        for box in group.boxes:
+            rows = _box_numel(box)
+            copied += 2 * rows * groups * channels
+            macs += rows * groups * channels * channels
+    return copied, macs
+
+
 def _box_view(x_cl: Tensor, key, box, second: bool) -> Tensor:
     """Channels-last slice of the box, first (or shifted second) copy."""
     index = [slice(None)]
@@ -128,7 +139,18 @@ def _box_view(x_cl: Tensor, key, box, second: bool) -> Tensor:
     return x_cl[tuple(index)]
 
 
-def kfc_factor(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**24) -> Tensor:
+def _box_numel(box: tuple[tuple[int, int], ...]) -> int:
+    return prod(b - a for a, b in box)
+
+
+def _copy_into(workspace: Tensor, view: Tensor) -> Tensor:
+    """Copy ``view`` into the front of a flat ``workspace``; return it contiguous."""
+    out = workspace[: view.numel()].view(view.shape)
+    out.copy_(view)
+    return out
+
+
+def shift_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**24) -> Tensor:
     """KFAC-expand input factor, shape ``[G, C·K.., C·K..]`` with C channels per group.
 
     Equals ``1/(N·O) Σ_{n,o} u uᵀ`` of the unfolded input ``u`` (rows ``(c, k..)``),
@@ -151,15 +173,22 @@ def kfc_factor(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes:
             cover.append(inside)
     factor = x.new_zeros((groups, C) + kernel + (C,) + kernel)
     per_sample = x[0].numel() * x.element_size()
-    chunk = max(1, chunk_bytes // max(per_sample, 1))
+    chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
+    # workspaces reused for every box: no allocation (and no page faults) per box
+    largest = max(_box_numel(box) for group in plan for box in group.boxes)
+    x_cl = x.new_empty((chunk,) + tuple(x.shape[2:]) + (GC,))
+    work_u = x.new_empty(chunk * largest * GC)
+    work_v = x.new_empty(chunk * largest * GC)
     for start in range(0, N, chunk):
-        x_cl = x[start : start + chunk].movedim(1, -1).contiguous()
+        n = min(chunk, N - start)
+        x_chunk = x_cl[:n]
+        x_chunk.copy_(x[start : start + n].movedim(1, -1))
         c = 0
         for group in plan:
             grams = []
             for box in group.boxes:
-                u = _box_view(x_cl, group.key, box, False).reshape(-1, groups, C)
-                v = _box_view(x_cl, group.key, box, True).reshape(-1, groups, C)
+                u = _copy_into(work_u, _box_view(x_chunk, group.key, box, False)).reshape(-1, groups, C)
+                v = _copy_into(work_v, _box_view(x_chunk, group.key, box, True)).reshape(-1, groups, C)
                 if groups == 1:
                     grams.append((u[:, 0].T @ v[:, 0]).unsqueeze(0))
                 else:

@@ -1,0 +1,50 @@
+"""KFAC-expand (KFC) input factor: pick the cheaper of two exact evaluations per shape.
+
+Both evaluate the KFC network ``n g c i.., Π.., n g c_ i_.., Π.. -> g (c k..) (c_ k_..)``
+exactly; they differ in cost. :mod:`shift_gram` needs a channel Gram per distinct
+(phase, offset) of tap pairs and wins when tap windows overlap and there are many
+channels (stride-1 3×3 convolutions); :mod:`unfold_gram` writes the unfolded input of a
+batch chunk and does one GEMM, which wins for few channels or non-overlapping taps
+(stems, patchify). The choice uses a simple cost model of copied elements and
+multiply-adds.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from kfac_tn.tensor_network.geometry import ConvDim
+from kfac_tn.tensor_network.shift_gram import shift_gram_cost, shift_gram_kfc
+from kfac_tn.tensor_network.unfold_gram import unfold_gram_cost, unfold_gram_kfc
+
+#: seconds per copied element and per multiply-add (ratio measured on 2 CPU cores)
+COPY_COST, MAC_COST = 1.0e-9, 2.0e-11
+METHODS = ("auto", "shift", "unfold")
+
+
+def choose_kfc_method(dims: Sequence[ConvDim], channels: int, groups: int) -> str:
+    """``"shift"`` or ``"unfold"``, whichever the cost model predicts to be cheaper."""
+    dims = tuple(dims)
+
+    def cost(copied_macs: tuple[int, int]) -> float:
+        copied, macs = copied_macs
+        # thin GEMMs (few channels) are memory bound: charge at least one read per element
+        return COPY_COST * copied + max(MAC_COST * macs, 0.25 * COPY_COST * copied)
+
+    shift = cost(shift_gram_cost(dims, channels, groups))
+    unfold = cost(unfold_gram_cost(dims, channels, groups))
+    return "shift" if shift <= unfold else "unfold"
+
+
+def kfc_factor(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, method: str = "auto") -> Tensor:
+    """KFAC-expand input factor ``[G, C·K.., C·K..]`` of ``x`` ``[N, G·C, I..]``, scale 1/(N·O)."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown KFC method {method!r}; use one of {METHODS}.")
+    dims = tuple(dims)
+    if method == "auto":
+        method = choose_kfc_method(dims, x.shape[1] // groups, groups)
+    if method == "shift":
+        return shift_gram_kfc(x, dims, groups)
+    return unfold_gram_kfc(x, dims, groups)

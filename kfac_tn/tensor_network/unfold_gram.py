@@ -1,0 +1,92 @@
+"""KFAC-expand input factor as the Gram matrix of an explicitly unfolded input, in chunks.
+
+The unfolded input ``u[n, o.., (k.., c)]`` of a batch chunk is written tap by tap from
+slices of the input (padding and the zeros of transposed convolutions are never
+materialized in the input, only left as zeros in the buffer), then ``uᵀu`` is one GEMM
+per group. Cheaper than :mod:`shift_gram` when there are few channels (stems) or the
+taps do not overlap (patchify), where the shift Grams would be many thin GEMMs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from itertools import product
+from math import prod
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from kfac_tn.tensor_network.geometry import ConvDim
+
+
+@lru_cache(maxsize=512)
+def tap_slices(dim: ConvDim) -> tuple[tuple[int, slice, slice] | None, ...]:
+    """Per tap ``k``: ``(k, input slice, output slice)`` it reads/writes, or None if empty."""
+    out = []
+    I, O, S, D, P = dim.input_size, dim.output_size, dim.stride, dim.dilation, dim.pad_left
+    for k in range(dim.kernel_size):
+        if dim.transposed:  # o = i·S + k·D − P
+            i_lo = max(0, -((k * D - P) // S))
+            i_hi = min(I, -(-(O + P - k * D) // S))
+            if i_lo >= i_hi:
+                out.append(None)
+                continue
+            o_lo = i_lo * S + k * D - P
+            out.append((k, slice(i_lo, i_hi), slice(o_lo, o_lo + S * (i_hi - i_lo - 1) + 1, S)))
+        else:  # i = k·D + o·S − P
+            o_lo = max(0, -(-(P - k * D) // S))
+            o_hi = min(O, -(-(I + P - k * D) // S))
+            if o_lo >= o_hi:
+                out.append(None)
+                continue
+            i_lo = k * D + o_lo * S - P
+            out.append((k, slice(i_lo, i_lo + S * (o_hi - o_lo - 1) + 1, S), slice(o_lo, o_hi)))
+    return tuple(out)
+
+
+def unfold_gram_cost(dims: Sequence[ConvDim], channels: int, groups: int) -> tuple[int, int]:
+    """(elements copied, multiply-adds) per sample of :func:`unfold_gram_kfc`."""
+    positions = prod(d.output_size for d in dims)
+    d = channels * prod(dim.kernel_size for dim in dims)
+    return positions * groups * d, positions * groups * d * d
+
+
+def unfold_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**25) -> Tensor:
+    """KFAC-expand input factor ``[G, C·K.., C·K..]`` (rows ``(c, k..)``), scale 1/(N·O)."""
+    dims = tuple(dims)
+    N, GC = x.shape[:2]
+    C = GC // groups
+    out_sizes = tuple(d.output_size for d in dims)
+    kernel = tuple(d.kernel_size for d in dims)
+    K = prod(kernel)
+    per_sample = prod(out_sizes) * GC * K * x.element_size()
+    chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
+    buffer = x.new_empty((groups, chunk) + out_sizes + kernel + (C,))
+    gram = x.new_zeros(groups, K * C, K * C)
+    taps = [tap_slices(d) for d in dims]
+    complete = all(t is not None for per_dim in taps for t in per_dim) and all(
+        s.stop - s.start == o and (s.step or 1) == 1
+        for per_dim, o in zip(taps, out_sizes)
+        for t in per_dim
+        for s in [t[2]]
+    )
+    for start in range(0, N, chunk):
+        n = min(chunk, N - start)
+        u = buffer[:, :n]
+        if not complete:
+            u.zero_()
+        src = x[start : start + n].unflatten(1, (groups, C)).movedim(2, -1).movedim(1, 0)  # [G, n, I.., C]
+        for combo in product(*taps):
+            if any(t is None for t in combo):
+                continue
+            ks = tuple(t[0] for t in combo)
+            u[(slice(None), slice(None)) + tuple(t[2] for t in combo) + ks].copy_(
+                src[(slice(None), slice(None)) + tuple(t[1] for t in combo)]
+            )
+        rows = u.reshape(groups, -1, K * C)
+        gram.baddbmm_(rows.transpose(1, 2), rows)
+    # rows/cols are (k.., c): reorder to (c, k..)
+    d = C * K
+    gram = gram.view(groups, K, C, K, C).permute(0, 2, 1, 4, 3).reshape(groups, d, d)
+    return gram.div_(N * prod(out_sizes))
