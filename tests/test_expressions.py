@@ -95,3 +95,31 @@ def test_expression_shape_errors():
         expressions.kfc(torch.randn(2, 3, 6, 5), dims)
     with pytest.raises(ValueError, match="kernel"):
         expressions.forward(torch.randn(2, 3, 5, 5), torch.randn(4, 3, 2, 2), dims)
+
+
+@given(conv_layers(padding_modes=False))
+@settings(max_examples=60, deadline=None)
+def test_both_kfc_methods_match_unfold_reference(case):
+    """The cost model picks one evaluation per shape; each must be exact everywhere."""
+    from kfac_tn.tensor_network.averaged_unfold import averaged_unfold
+    from kfac_tn.tensor_network.kfc import kfc_factor
+
+    layer, x = case
+    xp, dims, G = _setup(layer, x)
+    bias, layer.bias = layer.bias, None
+    try:
+        ref = reference_input_factor(layer, x, "expand")
+        ref_reduce = reference_input_factor(layer, x, "reduce")
+    finally:
+        layer.bias = bias
+    for method in ("shift", "unfold"):
+        torch.testing.assert_close(kfc_factor(xp, dims, G, method), ref)
+    ubar = averaged_unfold(xp.unflatten(1, (G, -1)).flatten(0, 1), dims).reshape(x.shape[0], G, -1)
+    torch.testing.assert_close(torch.einsum("ngi,ngj->gij", ubar, ubar) / x.shape[0], ref_reduce)
+
+
+def test_kfc_method_is_validated():
+    from kfac_tn.tensor_network.kfc import kfc_factor
+
+    with pytest.raises(ValueError, match="Unknown KFC method 'fast'"):
+        kfc_factor(torch.randn(2, 3, 5), conv_dims((5,), 3), method="fast")

@@ -175,7 +175,7 @@ def shift_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_by
     per_sample = x[0].numel() * x.element_size()
     chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
     # workspaces reused for every box: no allocation (and no page faults) per box
-    largest = max(_box_numel(box) for group in plan for box in group.boxes)
+    largest = max((_box_numel(box) for group in plan for box in group.boxes), default=0)
     x_cl = x.new_empty((chunk,) + tuple(x.shape[2:]) + (GC,))
     work_u = x.new_empty(chunk * largest * GC)
     work_v = x.new_empty(chunk * largest * GC)
