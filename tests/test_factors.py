@@ -113,3 +113,28 @@ def test_clear_errors():
         kfac_tn.grad_output_factor(conv, torch.randn(2, 5, 3, 3))
     with pytest.raises(ValueError, match="Unknown loss_average 'sum'"):
         kfac_tn.grad_output_factor(conv, torch.randn(2, 4, 3, 3), loss_average="sum")
+
+
+@given(conv_layers(max_dims=2), __import__("hypothesis").strategies.sampled_from(["expand", "reduce"]))
+@settings(max_examples=40, deadline=None)
+def test_rows_and_diagonal_are_views_of_the_factor(case, approx):
+    layer, x = case
+    for group_average in (False, True):
+        factor = kfac_tn.input_factor(layer, x, approx, group_average)
+        rows = kfac_tn.factors.input_rows(layer, x, approx, group_average)
+        torch.testing.assert_close(rows.transpose(1, 2) @ rows, factor)
+        diag = kfac_tn.factors.input_factor_diagonal(layer, x, approx, group_average)
+        torch.testing.assert_close(diag, factor.diagonal(dim1=1, dim2=2))
+
+
+def test_group_average_matches_singd_convention():
+    """singd/curvlinops average a grouped conv's input over groups: one shared block."""
+    from singd.optim.utils import process_input
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 4, 3, padding=1, groups=2).double()
+    x = torch.randn(3, 6, 5, 5, dtype=torch.float64)
+    for approx in ("expand", "reduce"):
+        a = process_input(x.clone(), layer, approx)
+        ours = kfac_tn.input_factor(layer, x, approx, group_average=True)
+        torch.testing.assert_close(ours[0], a.T @ a)

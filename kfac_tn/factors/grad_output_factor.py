@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from math import sqrt
+
 import torch
 from torch import Tensor, nn
 
@@ -10,11 +12,45 @@ from kfac_tn.factors.layers import check_approx, check_layer, check_output, laye
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 
 
+def grad_output_rows(
+    layer: nn.Module,
+    grad_output: Tensor,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+    group_average: bool = False,
+) -> Tensor:
+    """``Y`` of shape ``[G, R, D]`` with ``Yᵀ Y`` = :func:`grad_output_factor`.
+
+    Expand: R = B·P rows (one per sample and position); reduce: R = B rows, each
+    the sum of the gradient over positions. Scaled by ``sqrt(c)``, see
+    :func:`grad_output_factor`. ``group_average=True`` keeps all output channels in
+    one block (singd's convention for grouped convolutions).
+    """
+    check_layer(layer)
+    check_approx(approx)
+    if loss_average not in LOSS_AVERAGES:
+        raise ValueError(f"Unknown loss_average {loss_average!r}; use one of {LOSS_AVERAGES}.")
+    check_output(layer, grad_output)
+    B = grad_output.shape[0]
+    G = 1 if group_average else layer_groups(layer)
+    if isinstance(layer, nn.Linear):
+        g = grad_output.reshape(B, -1, grad_output.shape[-1])  # [B, P, D]
+    else:
+        g = grad_output.flatten(2).transpose(1, 2)  # [B, P, G·D]
+    positions = g.shape[1]
+    scale = {None: 1.0, "batch": float(B), "batch+sequence": float(B * positions)}[loss_average]
+    if approx == "reduce":
+        g = g.sum(1, keepdim=True)
+    g = g.flatten(0, 1).unflatten(1, (G, -1)).transpose(0, 1)  # [G, R, D]
+    return g * sqrt(scale)
+
+
 def grad_output_factor(
     layer: nn.Module,
     grad_output: Tensor,
     approx: str = "expand",
     loss_average: str | None = "batch",
+    group_average: bool = False,
 ) -> Tensor:
     """Output-side Kronecker factor G from the gradient w.r.t. the layer's output.
 
@@ -27,27 +63,10 @@ def grad_output_factor(
             singd: ``None`` (sum, c = 1), ``"batch"`` (mean over the batch, c = B) or
             ``"batch+sequence"`` (mean over batch and the P positions, c = B·P). The
             scaling undoes the average so that G matches curvlinops' KFAC.
+        group_average: one block over all output channels instead of one per group.
 
     Returns:
         ``[G, D, D]``, one block per channel group, ``D = C_out / G``.
     """
-    check_layer(layer)
-    check_approx(approx)
-    if loss_average not in LOSS_AVERAGES:
-        raise ValueError(f"Unknown loss_average {loss_average!r}; use one of {LOSS_AVERAGES}.")
-    check_output(layer, grad_output)
-    B = grad_output.shape[0]
-    G = layer_groups(layer)
-    if isinstance(layer, nn.Linear):
-        g = grad_output.reshape(B, -1, grad_output.shape[-1]).transpose(1, 2)
-    else:
-        g = grad_output.flatten(2)
-    g = g.unflatten(1, (G, g.shape[1] // G))  # [B, G, D, P]
-    positions = g.shape[-1]
-    scale = {None: 1.0, "batch": float(B), "batch+sequence": float(B * positions)}[loss_average]
-    if approx == "expand":
-        factor = torch.einsum("bgdp,bgep->gde", g, g)
-    else:
-        s = g.sum(-1)
-        factor = torch.einsum("bgd,bge->gde", s, s)
-    return factor.mul_(scale)
+    rows = grad_output_rows(layer, grad_output, approx, loss_average, group_average)
+    return torch.bmm(rows.transpose(1, 2), rows)

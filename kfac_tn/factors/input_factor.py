@@ -1,20 +1,30 @@
-"""Kronecker input factor A of a layer (KFAC-expand or KFAC-reduce)."""
+"""Kronecker input factor A of a layer (KFAC-expand or KFAC-reduce), and its pieces.
+
+Three views of the same factor, for the callers' different needs:
+
+- :func:`input_factor`: A itself, ``[G, d, d]``.
+- :func:`input_rows`: a matrix X with ``A = Xᵀ X`` (``[G, R, d]``); cheap when R is
+  small (reduce: R = batch size), so that ``Kᵀ A K`` can be formed as ``(X K)ᵀ (X K)``.
+- :func:`input_factor_diagonal`: ``diag(A)`` only, ``[G, d]``, at the cost of one
+  averaged unfold of ``x²`` (diagonal preconditioner structures need nothing else).
+"""
 
 from __future__ import annotations
+
+from math import sqrt
 
 import torch
 from torch import Tensor, nn
 
 from kfac_tn.factors.layers import check_approx, check_layer, conv_input, layer_groups
 from kfac_tn.tensor_network.averaged_unfold import averaged_unfold
+from kfac_tn.tensor_network.geometry import ConvDim
 from kfac_tn.tensor_network.kfc import kfc_factor
+from kfac_tn.tensor_network.unfold_gram import unfolded_rows
 
 
 def _with_bias(core: Tensor, mean_row: Tensor) -> Tensor:
-    """Append the bias row/column: ``[[core, m], [mᵀ, 1]]`` per group.
-
-    ``core``: ``[G, d, d]``, ``mean_row``: ``[G, d]``.
-    """
+    """``[[core, m], [mᵀ, 1]]`` per group; ``core`` ``[G, d, d]``, ``mean_row`` ``[G, d]``."""
     G, d, _ = core.shape
     out = core.new_empty(G, d + 1, d + 1)
     out[:, :d, :d] = core
@@ -24,25 +34,38 @@ def _with_bias(core: Tensor, mean_row: Tensor) -> Tensor:
     return out
 
 
-def _linear_factor(layer: nn.Linear, x: Tensor, approx: str) -> Tensor:
+def _append_ones(rows: Tensor, value: float = 1.0) -> Tensor:
+    return torch.cat([rows, rows.new_full(rows.shape[:-1] + (1,), value)], dim=-1)
+
+
+def _linear_input(layer: nn.Linear, x: Tensor) -> Tensor:
     if x.dim() < 2 or x.shape[-1] != layer.in_features:
         raise ValueError(
             f"Linear has {layer.in_features} inputs; x must be [B, ..., {layer.in_features}], "
             f"got shape {tuple(x.shape)}."
         )
-    B = x.shape[0]
-    if approx == "expand":
-        rows = x.reshape(-1, x.shape[-1])
-        core = (rows.T @ rows).div_(rows.shape[0]).unsqueeze(0)
-        mean = rows.mean(0)
-    else:
-        rows = x.reshape(B, -1, x.shape[-1]).mean(1)
-        core = (rows.T @ rows).div_(B).unsqueeze(0)
-        mean = rows.mean(0)
-    return _with_bias(core, mean.unsqueeze(0)) if layer.bias is not None else core
+    return x.reshape(x.shape[0], -1, x.shape[-1])  # [B, P, d_in]
 
 
-def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand") -> Tensor:
+def _conv_setup(layer: nn.Module, x: Tensor, group_average: bool) -> tuple[Tensor, tuple[ConvDim, ...], int]:
+    """Input actually convolved, its geometry and the number of factor blocks.
+
+    ``group_average=True`` averages the input over channel groups first and returns one
+    shared block (singd's and curvlinops' convention for grouped convolutions).
+    """
+    x, dims = conv_input(layer, x)
+    G = layer_groups(layer)
+    if group_average and G > 1:
+        return x.unflatten(1, (G, -1)).mean(1), dims, 1
+    return x, dims, G
+
+
+def _validate(layer: nn.Module, approx: str) -> None:
+    check_layer(layer)
+    check_approx(approx)
+
+
+def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False) -> Tensor:
     """Input-side Kronecker factor A of ``layer`` for its input ``x``.
 
     Args:
@@ -51,6 +74,8 @@ def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand") -> Tensor:
             weight-sharing positions) or ``[B, C_in, I..]`` (convolutions).
         approx: ``"expand"`` (KFC: ``1/(B·P) Σ_{b,p} u uᵀ`` over batch and the P output
             positions) or ``"reduce"`` (``1/B Σ_b ū ūᵀ``, ū = mean of u over positions).
+        group_average: for grouped convolutions, average the input over groups and return
+            one shared block (singd's convention) instead of one exact block per group.
 
     Returns:
         ``[G, d, d]``, one exact block per channel group (G = 1 for Linear), with
@@ -60,21 +85,71 @@ def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand") -> Tensor:
         The bias row/column, if any, is last. Non-zero padding modes give the factor of
         the padded input the layer convolves.
     """
-    check_layer(layer)
-    check_approx(approx)
-    if isinstance(layer, nn.Linear):
-        return _linear_factor(layer, x, approx)
-    x, dims = conv_input(layer, x)
-    G = layer_groups(layer)
-    N = x.shape[0]
+    _validate(layer, approx)
     bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        rows = _linear_input(layer, x)
+        if approx == "reduce":
+            rows = rows.mean(1, keepdim=True)
+        rows = rows.flatten(0, 1)
+        core = (rows.T @ rows).div_(rows.shape[0]).unsqueeze(0)
+        return _with_bias(core, rows.mean(0).unsqueeze(0)) if bias else core
+    x, dims, G = _conv_setup(layer, x, group_average)
+    N = x.shape[0]
     if approx == "expand":
         core = kfc_factor(x, dims, G)
         if not bias:
             return core
-        mean = averaged_unfold(x, dims).reshape(N, G, -1).mean(0)
-        return _with_bias(core, mean)
+        return _with_bias(core, averaged_unfold(x, dims).reshape(N, G, -1).mean(0))
     u = averaged_unfold(x, dims).reshape(N, G, -1)
     if bias:
-        u = torch.cat([u, u.new_ones(N, G, 1)], dim=2)
+        u = _append_ones(u)
     return torch.einsum("ngi,ngj->gij", u, u).div_(N)
+
+
+def input_rows(layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False) -> Tensor:
+    """``X`` of shape ``[G, R, d]`` with ``Xᵀ X`` = :func:`input_factor`.
+
+    Reduce: R = B rows ``ū / sqrt(B)``. Expand: R = B·P unfolded rows ``u / sqrt(B·P)``
+    (the unfolded input: only worth it when R is small compared with d).
+    """
+    _validate(layer, approx)
+    bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        rows = _linear_input(layer, x)
+        if approx == "reduce":
+            rows = rows.mean(1, keepdim=True)
+        rows = rows.flatten(0, 1).unsqueeze(0)
+    else:
+        x, dims, G = _conv_setup(layer, x, group_average)
+        if approx == "reduce":
+            rows = averaged_unfold(x, dims).reshape(x.shape[0], G, -1).transpose(0, 1)
+        else:
+            rows = unfolded_rows(x, dims, G)
+    if bias:
+        rows = _append_ones(rows)
+    return rows.div_(sqrt(rows.shape[1])) if rows.is_contiguous() else rows / sqrt(rows.shape[1])
+
+
+def input_factor_diagonal(
+    layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False
+) -> Tensor:
+    """``diag(A)`` of :func:`input_factor`, shape ``[G, d]``, without forming A.
+
+    Expand: ``diag(A)[c, k] = 1/B Σ_b ū(x²)[b, c, k]`` (Σ_o Π = O·Π̄); reduce: the mean
+    of ``ū²`` over the batch.
+    """
+    _validate(layer, approx)
+    bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        rows = _linear_input(layer, x)
+        diag = (rows**2).mean((0, 1)) if approx == "expand" else (rows.mean(1) ** 2).mean(0)
+        diag = diag.unsqueeze(0)
+    else:
+        x, dims, G = _conv_setup(layer, x, group_average)
+        N = x.shape[0]
+        if approx == "expand":
+            diag = averaged_unfold(x * x, dims).reshape(N, G, -1).mean(0)
+        else:
+            diag = (averaged_unfold(x, dims).reshape(N, G, -1) ** 2).mean(0)
+    return _append_ones(diag) if bias else diag

@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 from itertools import product
 from math import prod
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -52,8 +52,13 @@ def unfold_gram_cost(dims: Sequence[ConvDim], channels: int, groups: int) -> tup
     return positions * groups * d, positions * groups * d * d
 
 
-def unfold_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**25) -> Tensor:
-    """KFAC-expand input factor ``[G, C·K.., C·K..]`` (rows ``(c, k..)``), scale 1/(N·O)."""
+def unfolded_chunks(
+    x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**25
+) -> Iterator[Tensor]:
+    """Unfolded input by batch chunks: ``[G, n·O, K·C]`` with columns ordered ``(k.., c)``.
+
+    The yielded tensor is a view of one reused buffer: consume it before the next one.
+    """
     dims = tuple(dims)
     N, GC = x.shape[:2]
     C = GC // groups
@@ -63,13 +68,11 @@ def unfold_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_b
     per_sample = prod(out_sizes) * GC * K * x.element_size()
     chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
     buffer = x.new_empty((groups, chunk) + out_sizes + kernel + (C,))
-    gram = x.new_zeros(groups, K * C, K * C)
     taps = [tap_slices(d) for d in dims]
     complete = all(t is not None for per_dim in taps for t in per_dim) and all(
-        s.stop - s.start == o and (s.step or 1) == 1
+        t[2].stop - t[2].start == o and (t[2].step or 1) == 1
         for per_dim, o in zip(taps, out_sizes)
         for t in per_dim
-        for s in [t[2]]
     )
     for start in range(0, N, chunk):
         n = min(chunk, N - start)
@@ -84,9 +87,28 @@ def unfold_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_b
             u[(slice(None), slice(None)) + tuple(t[2] for t in combo) + ks].copy_(
                 src[(slice(None), slice(None)) + tuple(t[1] for t in combo)]
             )
-        rows = u.reshape(groups, -1, K * C)
+        yield u.reshape(groups, -1, K * C)
+
+
+def unfolded_rows(x: Tensor, dims: Sequence[ConvDim], groups: int = 1) -> Tensor:
+    """Whole unfolded input ``[G, N·O, C·K..]``, columns ordered ``(c, k..)``."""
+    C = x.shape[1] // groups
+    K = prod(d.kernel_size for d in dims)
+    chunks = [
+        u.unflatten(2, (K, C)).transpose(2, 3).flatten(2)  # (k, c) -> (c, k), copies
+        for u in unfolded_chunks(x, dims, groups)
+    ]
+    return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0].contiguous()
+
+
+def unfold_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**25) -> Tensor:
+    """KFAC-expand input factor ``[G, C·K.., C·K..]`` (rows ``(c, k..)``), scale 1/(N·O)."""
+    C = x.shape[1] // groups
+    K = prod(d.kernel_size for d in dims)
+    gram = x.new_zeros(groups, K * C, K * C)
+    for rows in unfolded_chunks(x, dims, groups, chunk_bytes):
         gram.baddbmm_(rows.transpose(1, 2), rows)
     # rows/cols are (k.., c): reorder to (c, k..)
     d = C * K
     gram = gram.view(groups, K, C, K, C).permute(0, 2, 1, 4, 3).reshape(groups, d, d)
-    return gram.div_(N * prod(out_sizes))
+    return gram.div_(x.shape[0] * prod(d.output_size for d in dims))
