@@ -1,6 +1,7 @@
 """kfac_tn: KFAC and SINGD for CNNs with tensor-network Kronecker factors."""
 
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
+from kfac_tn.optim import SINGD
 
-__all__ = ["SUPPORTED_LAYERS", "grad_output_factor", "input_factor"]
+__all__ = ["SINGD", "SUPPORTED_LAYERS", "grad_output_factor", "input_factor"]
 __version__ = "0.1.0"

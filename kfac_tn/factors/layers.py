@@ -65,6 +65,17 @@ def conv_input(layer: nn.Module, x: Tensor) -> tuple[Tensor, tuple[ConvDim, ...]
     return x, conv_dims(x.shape[2:], layer.kernel_size, layer.stride, 0, layer.dilation)
 
 
+def num_positions(layer: nn.Module, x: Tensor) -> int:
+    """Output positions per sample P (weight-sharing positions for Linear)."""
+    if isinstance(layer, nn.Linear):
+        return x[0].numel() // x.shape[-1]
+    _, dims = conv_input(layer, x[:1])
+    positions = 1
+    for d in dims:
+        positions *= d.output_size
+    return positions
+
+
 def output_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 

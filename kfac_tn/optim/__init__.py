@@ -1,0 +1,5 @@
+"""Optimizers on top of the tensor-network factors."""
+
+from kfac_tn.optim.singd import SINGD
+
+__all__ = ["SINGD"]

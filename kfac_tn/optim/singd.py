@@ -1,0 +1,366 @@
+"""SINGD with tensor-network Kronecker factors, for every convolution flavour.
+
+A drop-in for ``singd.optim.optimizer.SINGD`` (singd 0.0.5): same constructor
+arguments, defaults, update rule, state and GradScaler protocol (it subclasses it and
+reuses its structured matrices). What differs:
+
+- Layers: Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d. Grouped convolutions get one
+  exact ``K, C`` pair per group (``grouped_conv="exact"``) or singd's group-averaged
+  input with one shared pair (``grouped_conv="average"``, identical to stock on Conv2d).
+- Statistics: ``H_K = structure(Kᵀ A K)`` from the tensor-network factors instead of
+  the unfolded input. Per layer the cheapest exact form is used: the factor's diagonal
+  alone for diagonal ``K``; ``(X K)ᵀ(X K)`` with the few rows ``X`` of the reduce factor
+  (or of a small unfolded input); otherwise the factor A (shift Grams, no unfolding)
+  sandwiched by ``K``'s structured products. ``H_C`` likewise from the gradient rows or
+  their Gram matrix, whichever is cheaper.
+- Natural gradient ``C Cᵀ ∇W K Kᵀ``: for dense structures, ``K Kᵀ`` / ``C Cᵀ`` are cached
+  between preconditioner updates when that saves FLOPs (``T·dim_C > dim_K``), halving
+  the per-step products.
+- No statistics in eval mode or under ``torch.no_grad()``; non-finite statistics skip
+  the update of that layer's pre-conditioner with a warning instead of corrupting it.
+"""
+
+from __future__ import annotations
+
+from math import sqrt
+from numbers import Real
+from typing import Any, Callable, Iterable
+from warnings import warn
+
+import torch
+import torch.distributed as dist
+from singd.optim.optimizer import SINGD as StockSINGD
+from singd.structures.base import StructuredMatrix
+from singd.structures.dense import DenseMatrix
+from singd.structures.diagonal import DiagonalMatrix
+from torch import Tensor, nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from kfac_tn.capture import LayerCapture
+from kfac_tn.factors import (
+    SUPPORTED_LAYERS,
+    grad_output_rows,
+    input_factor,
+    input_factor_diagonal,
+    input_rows,
+)
+from kfac_tn.factors.layers import num_positions
+from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks, num_blocks
+
+GROUPED_CONV = ("exact", "average")
+
+
+def sandwich(M: StructuredMatrix, A: Tensor) -> StructuredMatrix:
+    """``structure(Mᵀ A M)`` for symmetric ``A`` with two structured products."""
+    left = M.rmatmat(A)  # Mᵀ A
+    return type(M).from_dense(M.rmatmat(left.T).T)  # (Mᵀ (Mᵀ A)ᵀ)ᵀ = Mᵀ A M
+
+
+class SINGD(StockSINGD):
+    """Structured inverse-free natural gradient descent on tensor-network factors.
+
+    Takes every argument of ``singd.optim.optimizer.SINGD`` (same meaning, same
+    defaults) plus:
+
+    Args:
+        grouped_conv: ``"exact"`` (one K, C per channel group) or ``"average"``
+            (singd's convention: input averaged over groups, one shared K and one C over
+            all output channels).
+    """
+
+    SUPPORTED_MODULES = SUPPORTED_LAYERS
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: None | Iterable[nn.Parameter] | list[dict[str, Any]] = None,
+        lr: float = 0.001,
+        momentum: float = 0.9,
+        damping: float = 0.001,
+        alpha1: float = 0.5,
+        weight_decay: float = 0.0,
+        T: int = 10,
+        loss_average: None | str = "batch",
+        lr_cov: float | Callable[[int], float] = 1e-2,
+        structures: tuple[str, str] = ("dense", "dense"),
+        kfac_approx: str = "expand",
+        warn_unsupported: bool = True,
+        kfac_like: bool = False,
+        preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
+        init_grad_scale: float = 1.0,
+        normalize_lr_cov: bool = False,
+        grouped_conv: str = "exact",
+    ):
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            raise TypeError(
+                "DataParallel and DistributedDataParallel wrappers are not supported: pass the "
+                "unwrapped model (every process holds a replica; statistics are all-reduced)."
+            )
+        _validate_hyperparameters(
+            lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
+            T=T, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
+            loss_average=loss_average, init_grad_scale=init_grad_scale,
+            supported_structures=self.SUPPORTED_STRUCTURES,
+        )
+        if grouped_conv not in GROUPED_CONV:
+            raise ValueError(f"grouped_conv must be one of {GROUPED_CONV}, got {grouped_conv!r}.")
+        self.grouped_conv = grouped_conv
+        self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
+        super().__init__(
+            model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
+            structures, kfac_approx, warn_unsupported, kfac_like, preconditioner_dtype,
+            init_grad_scale, normalize_lr_cov,
+        )
+        for group in self.param_groups:  # param groups may override the defaults
+            _validate_hyperparameters(
+                supported_structures=self.SUPPORTED_STRUCTURES,
+                **{k: group[k] for k in ("lr", "momentum", "damping", "alpha1", "weight_decay",
+                                         "T", "lr_cov", "structures", "kfac_approx", "loss_average")},
+            )
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def _group_average(self) -> bool:
+        return self.grouped_conv == "average"
+
+    def _install_hooks(self, model: nn.Module):
+        param_ids = {p.data_ptr() for group in self.param_groups for p in group["params"]}
+        module_names = {
+            mod: name
+            for name, mod in model.named_modules()
+            if isinstance(mod, self.SUPPORTED_MODULES)
+            and any(p.data_ptr() in param_ids for p in mod.parameters())
+        }
+        self._capture = LayerCapture(
+            {name: mod for mod, name in module_names.items()},
+            on_backward=lambda name, module, x, g: self._accumulate_H_terms(module, (x,), g),
+            is_due=lambda name, module: self.steps % self._get_param_group_entry(module, "T") == 0,
+        )
+        return module_names, self._capture.handles
+
+    def _initialize_buffers(self) -> None:
+        for module, name in self.module_names.items():
+            dim_K, dim_C = block_dims(module, self._group_average)
+            (dtype_K, dtype_C), dev = self._get_preconditioner_dtypes_and_device(module)
+            structures = self._get_param_group_entry(module, "structures")
+            K_cls = self.SUPPORTED_STRUCTURES[structures[0]]
+            C_cls = self.SUPPORTED_STRUCTURES[structures[1]]
+            blocks = range(num_blocks(module, self._group_average))
+            self.Ks[name] = [K_cls.eye(dim_K, dtype=dtype_K, device=dev) for _ in blocks]
+            self.Cs[name] = [C_cls.eye(dim_C, dtype=dtype_C, device=dev) for _ in blocks]
+            if self._get_param_group_entry(module, "alpha1") != 0.0:
+                self.m_Ks[name] = [K_cls.zeros(dim_K, dtype=dtype_K, device=dev) for _ in blocks]
+                self.m_Cs[name] = [C_cls.zeros(dim_C, dtype=dtype_C, device=dev) for _ in blocks]
+            self._cache[name] = {"KKT": [None for _ in blocks], "CCT": [None for _ in blocks]}
+
+    def preconditioner_dims(self, module: nn.Module) -> tuple[int, int]:  # type: ignore[override]
+        """``(dim_K, dim_C)`` of each of the layer's blocks."""
+        return block_dims(module, self._group_average)
+
+    # ------------------------------------------------------------ statistics
+    def _H_K(self, module: nn.Module, x: Tensor, Ks: list[StructuredMatrix], approx: str) -> list[StructuredMatrix]:
+        """``structure(Kᵀ A K)`` per block, by the cheapest exact route."""
+        ga = self._group_average
+        if all(isinstance(K, DiagonalMatrix) for K in Ks):
+            diag = input_factor_diagonal(module, x, approx, ga)  # [G, d]
+            return [K.from_inner(X=d.clamp_min(0).sqrt().unsqueeze(1)) for K, d in zip(Ks, diag)]
+        dim_K = block_dims(module, ga)[0]
+        rows_count = x.shape[0] if approx == "reduce" else x.shape[0] * num_positions(module, x)
+        if approx == "reduce" or _factored_is_cheaper(rows_count, dim_K, Ks[0]):
+            rows = input_rows(module, x, approx, ga)  # [G, R, d]
+            return [K.from_inner(X=r.T) for K, r in zip(Ks, rows)]
+        A = input_factor(module, x, approx, ga)  # [G, d, d]
+        return [sandwich(K, a) for K, a in zip(Ks, A)]
+
+    def _H_C(self, module: nn.Module, g: Tensor, Cs: list[StructuredMatrix], approx: str, loss_average) -> list[StructuredMatrix]:
+        rows = grad_output_rows(module, g, approx, loss_average, self._group_average)  # [G, R, D]
+        if isinstance(Cs[0], DiagonalMatrix) or _factored_is_cheaper(rows.shape[1], rows.shape[2], Cs[0]):
+            return [C.from_inner(X=r.T) for C, r in zip(Cs, rows)]
+        grams = torch.bmm(rows.transpose(1, 2), rows)
+        return [sandwich(C, gram) for C, gram in zip(Cs, grams)]
+
+    def _accumulate_H_terms(self, module: nn.Module, inputs: tuple[Tensor], grad_output: Tensor) -> None:
+        loss_average = self._get_param_group_entry(module, "loss_average")
+        kfac_approx = self._get_param_group_entry(module, "kfac_approx")
+        name = self.module_names[module]
+        (dtype_K, dtype_C), _ = self._get_preconditioner_dtypes_and_device(module)
+        a = inputs[0].data.to(dtype_K)
+        g = grad_output.data.to(dtype_C)
+        prev_grad_scale = self._get_grad_scale(self.steps - 1)
+        if prev_grad_scale != 1.0:
+            g = g / sqrt(prev_grad_scale)
+        H_K = self._H_K(module, a, self.Ks[name], kfac_approx)
+        H_C = self._H_C(module, g, self.Cs[name], kfac_approx, loss_average)
+        if dist.is_initialized():
+            op = dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM
+            for H in H_K + H_C:
+                H.all_reduce(op=op)
+        if name in self.H_Ks:
+            for acc, new in zip(self.H_Ks[name], H_K):
+                acc.add_(new)
+            for acc, new in zip(self.H_Cs[name], H_C):
+                acc.add_(new)
+        else:
+            self.H_Ks[name], self.H_Cs[name] = H_K, H_C
+
+    # ---------------------------------------------------------------- update
+    def _update_preconditioner(self, module: nn.Module) -> None:
+        T = self._get_param_group_entry(module, "T")
+        if self.steps % T != 0:
+            return
+        name = self.module_names[module]
+        H_Ks, H_Cs = self.H_Ks.pop(name, None), self.H_Cs.pop(name, None)
+        if H_Ks is None or H_Cs is None:
+            warn(
+                f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
+                "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
+                "is left unchanged."
+            )
+            return
+        if not all(_is_finite(H) for H in H_Ks + H_Cs):
+            warn(
+                f"Non-finite curvature statistics in layer {name!r} at step {self.steps}; skipping "
+                "its pre-conditioner update (K, C and their momenta are unchanged)."
+            )
+            return
+        prev_grad_scale = self._get_grad_scale(self.steps - 1)
+        grad_scale = self._get_grad_scale(self.steps)
+        grad_unscaling = prev_grad_scale / grad_scale**2
+        kfac_like = self._get_param_group_entry(module, "kfac_like")
+        damping = self._get_param_group_entry(module, "damping")
+        alpha1 = self._get_param_group_entry(module, "alpha1")
+        normalize_lr_cov = self._get_param_group_entry(module, "normalize_lr_cov")
+        scale = 0.5 * (1.0 - alpha1 if normalize_lr_cov else 1.0)
+        (dtype_K, dtype_C), dev = self._get_preconditioner_dtypes_and_device(module)
+        lr_cov = self._get_param_group_entry(module, "lr_cov")
+        beta1 = lr_cov(self.steps) if callable(lr_cov) else lr_cov
+        dim_K, dim_C = block_dims(module, self._group_average)
+        for b, (K, C, H_K, H_C) in enumerate(zip(self.Ks[name], self.Cs[name], H_Ks, H_Cs)):
+            K_tK, C_tC = K.from_inner(), C.from_inner()
+            new_m_K = K.zeros(dim_K, dtype=dtype_K, device=dev)
+            new_m_K.add_(H_K, alpha=1.0 if kfac_like else grad_unscaling * H_C.average_trace())
+            new_m_K.add_(K_tK, alpha=damping * (1.0 if kfac_like else C_tC.average_trace()))
+            new_m_K.diag_add_(-1.0).mul_(scale)
+            new_m_C = C.zeros(dim_C, dtype=dtype_C, device=dev)
+            new_m_C.add_(H_C, alpha=grad_unscaling if kfac_like else grad_unscaling * H_K.average_trace())
+            new_m_C.add_(C_tC, alpha=damping * (1.0 if kfac_like else K_tK.average_trace()))
+            new_m_C.diag_add_(-1.0).mul_(scale)
+            if alpha1 != 0.0:
+                new_m_C.add_(self.m_Cs[name][b], alpha=alpha1)
+                new_m_K.add_(self.m_Ks[name][b], alpha=alpha1)
+                self.m_Cs[name][b] = new_m_C
+                self.m_Ks[name][b] = new_m_K
+            beta1_K = beta1_C = beta1
+            if normalize_lr_cov:
+                beta1_K /= max(1.0, new_m_K.infinity_vector_norm())
+                beta1_C /= max(1.0, new_m_C.infinity_vector_norm())
+            K.add_(K @ new_m_K, alpha=-beta1_K)
+            C.add_(C @ new_m_C, alpha=-beta1_C)
+        self._invalidate(name)
+
+    def _invalidate(self, name: str) -> None:
+        cache = self._cache.get(name)
+        if cache is not None:
+            for key in cache:
+                cache[key] = [None] * len(cache[key])
+
+    def _projector(self, name: str, key: str, b: int, M: StructuredMatrix, use_cache: bool) -> Tensor | None:
+        """Cached dense ``M Mᵀ`` (only for dense structures where it saves FLOPs)."""
+        if not use_cache or not isinstance(M, DenseMatrix):
+            return None
+        cache = self._cache[name][key]
+        if cache[b] is None:
+            dense = M.to_dense()
+            cache[b] = dense @ dense.T
+        return cache[b]
+
+    def _compute_natural_gradient(self, module: nn.Module) -> tuple[Tensor, ...]:
+        name = self.module_names[module]
+        has_bias = module.bias is not None
+        grads = matrix_blocks(
+            module, module.weight.grad.data, module.bias.grad.data if has_bias else None, self._group_average
+        )
+        grad_scale = self._get_grad_scale(self.steps)
+        T = self._get_param_group_entry(module, "T")
+        dim_K, dim_C = block_dims(module, self._group_average)
+        dtype_K, dtype_C = self._get_param_group_entry(module, "preconditioner_dtype")
+        out = []
+        for b, grad in enumerate(grads):
+            if grad_scale != 1.0:
+                grad = grad / grad_scale
+            K, C = self.Ks[name][b], self.Cs[name][b]
+            KKT = self._projector(name, "KKT", b, K, T * dim_C > dim_K)
+            CCT = self._projector(name, "CCT", b, C, T * dim_K > dim_C)
+            g = grad.to(dtype_K) if dtype_K is not None else grad
+            nat = g @ KKT if KKT is not None else (K @ K.rmatmat(g.T)).T
+            nat = nat.to(dtype_C) if dtype_C is not None else nat
+            nat = CCT @ nat if CCT is not None else C @ C.rmatmat(nat)
+            out.append(nat.to(grad.dtype))
+        if dist.is_initialized():
+            op = dist.ReduceOp.AVG if self._get_param_group_entry(module, "loss_average") else dist.ReduceOp.SUM
+            for nat in out:
+                dist.all_reduce(nat, op=op)
+        return from_matrix_blocks(module, out, has_bias)
+
+    # ----------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`; a state of another model is an error."""
+        for key in ("Ks", "Cs"):
+            theirs = state_dict.get(key)
+            if theirs is None:
+                raise ValueError(f"State dict has no {key!r}: not a kfac_tn.SINGD state.")
+            if set(theirs) != set(self.Ks):
+                raise ValueError(
+                    f"State dict is for other layers: it has {sorted(theirs)}, this optimizer "
+                    f"{sorted(self.Ks)}."
+                )
+            for name, blocks in theirs.items():
+                mine = getattr(self, key)[name]
+                if len(blocks) != len(mine) or any(
+                    a.to_dense().shape != b.to_dense().shape or type(a) is not type(b)
+                    for a, b in zip(blocks, mine)
+                ):
+                    raise ValueError(f"State dict {key}[{name!r}] does not match layer {name!r}'s shape or structure.")
+        super().load_state_dict(dict(state_dict))
+        for name in self._cache:
+            self._invalidate(name)
+
+
+def _factored_is_cheaper(rows: int, dim: int, M: StructuredMatrix) -> bool:
+    """Whether ``(X M)ᵀ(X M)`` from ``rows`` rows beats forming ``Mᵀ (XᵀX) M``.
+
+    Dense M: 3·R·d² against R·d² + 4·d³ multiply-adds, so rows win up to R = 2d. Other
+    structures have cheap products either way; rows are used while they take no more
+    memory than the d × d factor.
+    """
+    return rows <= (2 * dim if isinstance(M, DenseMatrix) else dim)
+
+
+def _is_finite(H: StructuredMatrix) -> bool:
+    return all(bool(torch.isfinite(t).all()) for _, t in H.named_tensors())
+
+
+def _validate_hyperparameters(
+    *, lr, momentum, damping, alpha1, weight_decay, T, lr_cov, structures, kfac_approx,
+    loss_average, supported_structures, init_grad_scale=1.0,
+) -> None:
+    """ValueError naming the first invalid hyper-parameter."""
+    for value, name in ((lr, "lr"), (momentum, "momentum"), (damping, "damping"),
+                        (weight_decay, "weight_decay"), (init_grad_scale, "init_grad_scale")):
+        if not isinstance(value, Real) or not value >= 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
+    if not isinstance(alpha1, Real) or not 0 <= alpha1 < 1:
+        raise ValueError(f"alpha1 must lie in [0, 1), got {alpha1!r}.")
+    if not callable(lr_cov) and (not isinstance(lr_cov, Real) or not lr_cov >= 0):
+        raise ValueError(f"lr_cov must be a non-negative number or a callable, got {lr_cov!r}.")
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be an integer >= 1, got {T!r}.")
+    if not isinstance(structures, (tuple, list)) or len(structures) != 2:
+        raise ValueError(f"structures must be a pair of structure names, got {structures!r}.")
+    for s in structures:
+        if s not in supported_structures:
+            raise ValueError(f"Unknown structure {s!r} in structures; use one of {sorted(supported_structures)}.")
+    if kfac_approx not in ("expand", "reduce"):
+        raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}.")
+    if loss_average not in (None, "batch", "batch+sequence"):
+        raise ValueError(f"loss_average must be None, 'batch' or 'batch+sequence', got {loss_average!r}.")
