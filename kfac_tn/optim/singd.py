@@ -302,6 +302,30 @@ class SINGD(StockSINGD):
                 dist.all_reduce(nat, op=op)
         return from_matrix_blocks(module, out, has_bias)
 
+    def step(self, closure: Callable[[], Tensor] | None = None) -> None:
+        """Precondition the gradients and update the parameters.
+
+        A step whose gradients contain inf/NaN is skipped with a warning, exactly as
+        with a GradScaler that found infs: parameters, K, C and momenta stay as they
+        are, and the statistics gathered for this step are dropped.
+        """
+        own_check = not hasattr(self, "found_inf") and not self._gradients_finite()
+        if own_check:
+            self.found_inf = True
+        try:
+            super().step(closure)
+        finally:
+            if own_check:
+                del self.found_inf
+
+    def _gradients_finite(self) -> bool:
+        return all(
+            bool(torch.isfinite(p.grad).all())
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        )
+
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict`; a state of another model is an error."""

@@ -1,0 +1,247 @@
+"""kfac_tn.SINGD against stock singd 0.0.5 and against equivalent models."""
+
+import warnings
+
+import pytest
+import torch
+from singd.optim.optimizer import SINGD as StockSINGD
+from torch import nn
+
+import kfac_tn
+
+STRUCTURES = ["dense", "diagonal", "block30diagonal", "hierarchical15_15", "triltoeplitz", "triutoeplitz"]
+
+
+def _train(model, opt, data, steps):
+    X, y = data
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _data(shape, classes=5, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen), torch.randint(0, classes, (shape[0],), generator=gen)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, bias=False), nn.ReLU(inplace=True),
+        nn.Flatten(), nn.Linear(4 * 3 * 3, 5),
+    )
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_trajectory_matches_stock_singd(structure, approx):
+    """Linear + ungrouped Conv2d: same arguments, same data -> same parameters.
+
+    The first conv takes the factor-sandwich route (many rows), the second and the
+    Linear layer the row route, the grad-output side both: all are exercised.
+    """
+    data = _data((6, 3, 7, 7))
+    for kfac_like in (False, True):
+        for T in (1, 3):
+            kwargs = dict(lr=0.1, lr_cov=0.1, T=T, structures=(structure, structure),
+                          kfac_approx=approx, kfac_like=kfac_like, alpha1=0.0 if kfac_like else 0.5,
+                          weight_decay=1e-3)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m1, m2 = _cnn(), _cnn()
+                ref = _train(m1, StockSINGD(m1, **kwargs), data, 4)
+                ours = _train(m2, kfac_tn.SINGD(m2, **kwargs), data, 4)
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_average_matches_stock_singd():
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
+
+    data = _data((5, 4, 5, 5))
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1)
+    m1, m2 = model(), model()
+    ref = _train(m1, StockSINGD(m1, **kwargs), data, 3)
+    ours = _train(m2, kfac_tn.SINGD(m2, grouped_conv="average", **kwargs), data, 3)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+class _Split(nn.Module):
+    """A grouped conv written as G separate ungrouped convs (an independent oracle)."""
+
+    def __init__(self, grouped: nn.Conv2d):
+        super().__init__()
+        G = grouped.groups
+        self.parts = nn.ModuleList()
+        for w, b in zip(grouped.weight.chunk(G), grouped.bias.chunk(G)):
+            conv = nn.Conv2d(w.shape[1], w.shape[0], grouped.kernel_size, grouped.stride, grouped.padding)
+            conv.weight.data.copy_(w)
+            conv.bias.data.copy_(b)
+            self.parts.append(conv)
+
+    def forward(self, x):
+        return torch.cat([p(xg) for p, xg in zip(self.parts, x.chunk(len(self.parts), 1))], 1)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_grouped_exact_equals_split_layers(approx):
+    torch.manual_seed(0)
+    grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    head = nn.Linear(6 * 25, 5).double()
+    split = _Split(grouped).double()
+    head2 = nn.Linear(6 * 25, 5).double()
+    head2.load_state_dict(head.state_dict())
+    m1 = nn.Sequential(grouped, nn.Flatten(), head)
+    m2 = nn.Sequential(split, nn.Flatten(), head2)
+    X, y = _data((4, 4, 5, 5))
+    data = (X.double(), y)
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, kfac_approx=approx)
+    _train(m1, kfac_tn.SINGD(m1, **kwargs), data, 3)
+    _train(m2, kfac_tn.SINGD(m2, **kwargs), data, 3)
+    torch.testing.assert_close(grouped.weight, torch.cat([p.weight for p in split.parts]))
+    torch.testing.assert_close(grouped.bias, torch.cat([p.bias for p in split.parts]))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_conv1d_and_conv3d_equal_stock_on_equivalent_conv2d(approx):
+    """Conv1d(K) on [N, C, L] ≡ Conv2d((1, K)) on [N, C, 1, L]; Conv3d((1, k, k)) likewise."""
+    X, y = _data((4, 3, 1, 6, 6))
+    cases = [
+        (nn.Conv1d(3, 4, 3, padding=1), nn.Conv2d(3, 4, (1, 3), padding=(0, 1)), X[:, :, 0, 0], X[:, :, 0, :1]),
+        (nn.Conv3d(3, 4, (1, 3, 3)), nn.Conv2d(3, 4, 3), X, X[:, :, 0]),
+    ]
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, kfac_approx=approx)
+    for ours_layer, ref_layer, x_ours, x_ref in cases:
+        ref_layer.weight.data.copy_(ours_layer.weight.data.reshape(ref_layer.weight.shape))
+        ref_layer.bias.data.copy_(ours_layer.bias.data)
+        m1 = nn.Sequential(ours_layer, nn.Flatten())
+        m2 = nn.Sequential(ref_layer, nn.Flatten())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _train(m1, kfac_tn.SINGD(m1, **kwargs), (x_ours, y % 4), 3)
+            _train(m2, StockSINGD(m2, **kwargs), (x_ref, y % 4), 3)
+        torch.testing.assert_close(ours_layer.weight.data.reshape(ref_layer.weight.shape), ref_layer.weight.data)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+def test_conv_transpose_equals_stock_on_flipped_conv(structure):
+    """ConvTranspose2d (stride 1, padding P) ≡ Conv2d with the flipped, transposed kernel
+    and padding K−1−P; the factors differ by a tap permutation, to which SINGD with
+    dense or diagonal structures is equivariant."""
+    torch.manual_seed(0)
+    tconv = nn.ConvTranspose2d(3, 4, 3, padding=1)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    conv.weight.data.copy_(tconv.weight.data.transpose(0, 1).flip(-1, -2))
+    conv.bias.data.copy_(tconv.bias.data)
+    data = _data((4, 3, 5, 5), classes=4)
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, structures=(structure, structure))
+    m1, m2 = nn.Sequential(tconv, nn.Flatten()), nn.Sequential(conv, nn.Flatten())
+    _train(m1, kfac_tn.SINGD(m1, **kwargs), data, 3)
+    _train(m2, StockSINGD(m2, **kwargs), data, 3)
+    torch.testing.assert_close(tconv.weight.data.transpose(0, 1).flip(-1, -2), conv.weight.data)
+
+
+def test_state_dict_round_trip_is_bit_identical():
+    data = _data((6, 3, 7, 7))
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=2, structures=("dense", "diagonal"))
+    m1 = _cnn()
+    uninterrupted = _train(m1, kfac_tn.SINGD(m1, **kwargs), data, 5)
+    m2 = _cnn()
+    opt2 = kfac_tn.SINGD(m2, **kwargs)
+    _train(m2, opt2, data, 3)
+    state, weights = opt2.state_dict(), m2.state_dict()
+    m3 = _cnn()
+    m3.load_state_dict(weights)
+    opt3 = kfac_tn.SINGD(m3, **kwargs)
+    opt3.load_state_dict(state)
+    resumed = _train(m3, opt3, data, 2)
+    assert torch.equal(resumed, uninterrupted)
+
+
+def test_state_dict_of_another_model_is_rejected():
+    m1 = _cnn()
+    state = kfac_tn.SINGD(m1).state_dict()
+    other = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="other layers"):
+        kfac_tn.SINGD(other).load_state_dict(state)
+    m2 = _cnn()
+    with pytest.raises(ValueError, match="shape or structure"):
+        kfac_tn.SINGD(m2, structures=("diagonal", "dense")).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "lr must be"),
+        (dict(damping=-1e-3), "damping must be"),
+        (dict(T=0), "T must be"),
+        (dict(T=1.5), "T must be"),
+        (dict(alpha1=1.0), "alpha1 must"),
+        (dict(lr_cov=-0.1), "lr_cov must"),
+        (dict(structures=("dense", "sparse")), "Unknown structure 'sparse'"),
+        (dict(kfac_approx="diag"), "kfac_approx must"),
+        (dict(loss_average="mean"), "loss_average must"),
+        (dict(grouped_conv="sum"), "grouped_conv must"),
+    ],
+)
+def test_invalid_hyperparameters_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kfac_tn.SINGD(_cnn(), **kwargs)
+
+
+def test_wrappers_and_unsupported_layers():
+    with pytest.raises(TypeError, match="DataParallel"):
+        kfac_tn.SINGD(nn.DataParallel(_cnn()))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match="un-supported parameter"):
+        kfac_tn.SINGD(model)
+
+
+def test_no_statistics_in_eval_mode_or_no_grad():
+    model = _cnn()
+    opt = kfac_tn.SINGD(model, T=1)
+    X, y = _data((4, 3, 7, 7))
+    with torch.no_grad():
+        model(X)
+    model.eval()
+    nn.functional.cross_entropy(model(X), y).backward()
+    assert not opt.H_Ks
+    K_before = [K.to_dense().clone() for K in opt.Ks["0"]]
+    with pytest.warns(UserWarning, match="No curvature statistics"):
+        opt.step()
+    assert all(torch.equal(a, K.to_dense()) for a, K in zip(K_before, opt.Ks["0"]))
+
+
+def test_non_finite_gradients_skip_the_step():
+    model = _cnn()
+    opt = kfac_tn.SINGD(model, T=1)
+    X, y = _data((4, 3, 7, 7))
+    X[0, 0, 0, 0] = float("inf")
+    K_before = {name: [K.to_dense().clone() for K in Ks] for name, Ks in opt.Ks.items()}
+    params_before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    with pytest.warns(UserWarning, match="Encountered inf in gradients"):
+        opt.step()
+    for name, Ks in opt.Ks.items():
+        assert all(torch.equal(a, K.to_dense()) for a, K in zip(K_before[name], Ks))
+    assert all(torch.equal(a, p) for a, p in zip(params_before, model.parameters()))
+    assert not opt.H_Ks  # the step's statistics were dropped
+
+
+def test_non_finite_statistics_with_finite_gradients_leave_the_preconditioner_intact():
+    """An overflow only in the statistics (e.g. a huge input) must not corrupt K."""
+    model = _cnn()
+    opt = kfac_tn.SINGD(model, T=1)
+    X, y = _data((4, 3, 7, 7))
+    nn.functional.cross_entropy(model(X), y).backward()
+    name = "0"
+    opt.H_Ks[name][0].add_(type(opt.H_Ks[name][0]).eye(28) * float("nan"))
+    K_before = opt.Ks[name][0].to_dense().clone()
+    with pytest.warns(UserWarning, match="Non-finite curvature statistics in layer '0'"):
+        opt.step()
+    assert torch.equal(K_before, opt.Ks[name][0].to_dense())
