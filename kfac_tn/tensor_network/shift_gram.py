@@ -179,29 +179,31 @@ def shift_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_by
     x_cl = x.new_empty((chunk,) + tuple(x.shape[2:]) + (GC,))
     work_u = x.new_empty(chunk * largest * GC)
     work_v = x.new_empty(chunk * largest * GC)
+    gram_buffer = x.new_empty((max((len(g.boxes) for g in plan), default=0), groups, C, C))
     for start in range(0, N, chunk):
         n = min(chunk, N - start)
         x_chunk = x_cl[:n]
         x_chunk.copy_(x[start : start + n].movedim(1, -1))
         c = 0
         for group in plan:
-            grams = []
-            for box in group.boxes:
+            grams = gram_buffer[: len(group.boxes)]
+            for b, box in enumerate(group.boxes):
                 u = _copy_into(work_u, _box_view(x_chunk, group.key, box, False)).reshape(-1, groups, C)
                 v = _copy_into(work_v, _box_view(x_chunk, group.key, box, True)).reshape(-1, groups, C)
                 if groups == 1:
-                    grams.append((u[:, 0].T @ v[:, 0]).unsqueeze(0))
+                    torch.mm(u[:, 0].T, v[:, 0], out=grams[b, 0])
                 else:
-                    grams.append(torch.bmm(u.permute(1, 2, 0), v.transpose(0, 1)))
+                    torch.bmm(u.permute(1, 2, 0), v.transpose(0, 1), out=grams[b])
             for combo in group.pairs:
-                block = sum(grams[b] for b in cover[c])
-                c += 1
                 ks = tuple(p.k for p in combo)
                 ks_ = tuple(p.k_ for p in combo)
-                target = (slice(None), slice(None)) + ks + (slice(None),) + ks_
-                factor[target] += block
-                if ks != ks_:
-                    factor[(slice(None), slice(None)) + ks_ + (slice(None),) + ks] += block.transpose(1, 2)
+                target = factor[(slice(None), slice(None)) + ks + (slice(None),) + ks_]
+                mirror = factor[(slice(None), slice(None)) + ks_ + (slice(None),) + ks] if ks != ks_ else None
+                for b in cover[c]:
+                    target.add_(grams[b])
+                    if mirror is not None:
+                        mirror.add_(grams[b].transpose(1, 2))
+                c += 1
     d = C * prod(kernel)
     positions = prod(dim.output_size for dim in dims)
     return factor.reshape(groups, d, d).div_(N * positions)
