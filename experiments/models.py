@@ -1,0 +1,95 @@
+"""Model registry: CIFAR-style ResNet18 and VGG19 (with BatchNorm), and small test models."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convolutions with BatchNorm and a (1×1 stride-s) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn1(self.conv1(x)).relu_()
+        out = self.bn2(self.conv2(out))
+        return (out + self.shortcut(x)).relu_()
+
+
+class ResNet18(nn.Module):
+    """ResNet18 for 32×32 inputs (3×3 stem, no max-pool), as commonly used on CIFAR."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, c_in = [], 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out)))
+            c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(self.bn1(self.conv1(x)).relu_())
+        return self.fc(self.pool(x).flatten(1))
+
+
+VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+
+
+class VGG19(nn.Module):
+    """VGG19 with BatchNorm for 32×32 inputs (one linear classifier)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for v in VGG19_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c_in, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c_in = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """A few-layer CNN for tests and quick runs (every conv flavour is supported)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18": ResNet18, "vgg19": VGG19, "small_cnn": SmallCNN}
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Instantiate a registered model by name."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; available: {sorted(MODELS)}.")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels)
