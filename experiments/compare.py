@@ -1,0 +1,233 @@
+"""Time and memory of SGD, stock SINGD and kfac_tn's SINGD per training step.
+
+    python experiments/compare.py --config configs/compare_default.yaml [key=value ...]
+
+Each (model, run) configuration runs in a fresh process on random CIFAR-shaped data:
+``warmup`` untimed steps, then ``steps`` timed ones (choose a multiple of T so the mean
+amortises the preconditioner updates). Reports the median and mean seconds per step,
+the peak memory above the memory held before the optimizer was built (CPU: peak RSS
+via VmHWM, see measure.py; CUDA: max_memory_allocated), the persistent preconditioner
+state, and ratios to SGD. Prints a markdown table, writes ``<out>.csv``, ``<out>.json``
+and a bar chart ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.config import ConfigError, apply_overrides, check_keys, load_yaml  # noqa: E402
+
+TOP_KEYS = {
+    "models": list, "batch_size": int, "image_size": int, "num_classes": int, "warmup": int,
+    "steps": int, "threads": int, "device": str, "seed": int, "common": dict, "runs": list,
+    "out": str,
+}
+RUN_KEYS = {
+    "optimizer": str, "label": str, "lr": (int, float), "momentum": (int, float),
+    "damping": (int, float), "alpha1": (int, float), "weight_decay": (int, float), "T": int,
+    "loss_average": str, "lr_cov": (int, float), "structures": list, "kfac_approx": str,
+    "kfac_like": bool, "normalize_lr_cov": bool, "grouped_conv": str,
+}
+
+
+def load_config(path: str, overrides: list[str]) -> dict:
+    config = apply_overrides(load_yaml(path), overrides)
+    check_keys(config, TOP_KEYS, "config")
+    for key in ("models", "runs"):
+        if not config.get(key):
+            raise ConfigError(f"config.{key} must be a non-empty list.")
+    from experiments.models import MODELS
+    from experiments.optimizers import OPTIMIZERS
+
+    for model in config["models"]:
+        if model not in MODELS:
+            raise ConfigError(f"config.models has unknown model {model!r}; available: {sorted(MODELS)}.")
+    check_keys(config.get("common", {}), RUN_KEYS, "config.common")
+    for i, run in enumerate(config["runs"]):
+        if not isinstance(run, dict) or "optimizer" not in run:
+            raise ConfigError(f"config.runs[{i}] must be a mapping with an 'optimizer' key.")
+        check_keys(run, RUN_KEYS, f"config.runs[{i}]")
+        if run["optimizer"] not in OPTIMIZERS:
+            raise ConfigError(f"config.runs[{i}].optimizer {run['optimizer']!r} is unknown; use one of {OPTIMIZERS}.")
+    for key in ("batch_size", "steps", "image_size", "num_classes"):
+        if key in config and config[key] < 1:
+            raise ConfigError(f"config.{key} must be >= 1, got {config[key]}.")
+    return config
+
+
+def _label(run: dict) -> str:
+    if "label" in run:
+        return run["label"]
+    parts = [run["optimizer"]]
+    for key in ("kfac_approx", "structures", "T"):
+        if key in run:
+            value = run[key]
+            parts.append("/".join(value) if isinstance(value, list) else f"{key}={value}" if key == "T" else str(value))
+    return " ".join(parts)
+
+
+def _state_mib(optimizer) -> float:
+    main = optimizer.main
+    total = 0
+    for attr in ("Ks", "Cs", "m_Ks", "m_Cs"):
+        for value in getattr(main, attr, {}).values():
+            for matrix in value if isinstance(value, list) else [value]:
+                total += sum(t.numel() * t.element_size() for _, t in matrix.named_tensors())
+    return total / 2**20
+
+
+def worker(config: dict, model_name: str, run: dict) -> dict:
+    import warnings
+
+    import torch
+
+    from experiments.measure import _status_kib
+    from experiments.models import build_model
+    from experiments.optimizers import build_optimizer
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(config.get("threads", 2))
+    device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.get("seed", 0))
+    classes, size, batch = config.get("num_classes", 10), config.get("image_size", 32), config.get("batch_size", 32)
+    model = build_model(model_name, num_classes=classes).to(device)
+    X = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    hyper = {**config.get("common", {}), **{k: v for k, v in run.items() if k not in ("optimizer", "label")}}
+    if run["optimizer"] == "sgd":
+        hyper = {k: v for k, v in hyper.items() if k in ("lr", "momentum", "weight_decay")}
+    if run["optimizer"] == "singd_stock":
+        hyper.pop("grouped_conv", None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _status_kib("VmRSS") * 1024
+    optimizer = build_optimizer(model, run["optimizer"], **hyper)
+
+    def step():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        optimizer.step()
+
+    for _ in range(config.get("warmup", 1)):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    times = []
+    for _ in range(config.get("steps", 10)):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") * 1024
+    return {
+        "model": model_name, "optimizer": _label(run), "device": device.type, "batch_size": batch,
+        "median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+        "peak_extra_mib": (peak - base) / 2**20,
+        "state_mib": _state_mib(optimizer) if run["optimizer"] != "sgd" else 0.0,
+    }
+
+
+def run_all(config: dict, config_path: str, overrides: list[str]) -> list[dict]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    rows = []
+    for model_name in config["models"]:
+        for index, run in enumerate(config["runs"]):
+            cmd = [sys.executable, __file__, "--config", config_path, "--worker", model_name, str(index), *overrides]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if proc.returncode:
+                print(f"{model_name} / {_label(run)} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{model_name:9s} {row['optimizer']:40s} median {row['median_s']:7.3f} s  mean "
+                  f"{row['mean_s']:7.3f} s  peak +{row['peak_extra_mib']:8.1f} MiB  state {row['state_mib']:7.1f} MiB",
+                  flush=True)
+    return rows
+
+
+def report(rows: list[dict], out: Path) -> None:
+    sgd = {r["model"]: r for r in rows if r["optimizer"] == "sgd"}
+    for r in rows:
+        ref = sgd.get(r["model"])
+        r["time_ratio"] = r["mean_s"] / ref["mean_s"] if ref else None
+        r["memory_ratio"] = r["peak_extra_mib"] / ref["peak_extra_mib"] if ref and ref["peak_extra_mib"] > 0 else None
+        r["extra_over_sgd_mib"] = r["peak_extra_mib"] - ref["peak_extra_mib"] if ref else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    print("\n| net | optimizer | median [s] | per-iteration (mean) [s] | peak extra memory [MiB] | above SGD [MiB] | state [MiB] |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        tr = f" ({r['time_ratio']:.2f}×)" if r["time_ratio"] else ""
+        mr = f" ({r['memory_ratio']:.2f}×)" if r["memory_ratio"] else ""
+        above = f"{r['extra_over_sgd_mib']:.0f}" if r["extra_over_sgd_mib"] is not None else "–"
+        print(f"| {r['model']} | {r['optimizer']} | {r['median_s']:.3f} | {r['mean_s']:.3f}{tr} | "
+              f"{r['peak_extra_mib']:.0f}{mr} | {above} | {r['state_mib']:.0f} |")
+    _plot(rows, out.with_suffix(".png"))
+    print(f"\nwrote {out.with_suffix('.csv')}, {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['optimizer']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(rows)), 5))
+    axes[0].bar(range(len(rows)), [r["mean_s"] for r in rows], color="tab:blue")
+    axes[0].set_ylabel("mean time per step [s]")
+    axes[1].bar(range(len(rows)), [r["peak_extra_mib"] for r in rows], color="tab:orange")
+    axes[1].set_ylabel("peak extra memory [MiB]")
+    for ax in axes:
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "compare_default.yaml"))
+    parser.add_argument("--out", default=None, help="output prefix (default: config's 'out' or results/compare)")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=16")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.worker:
+        model_name, index = args.worker
+        print(json.dumps(worker(config, model_name, config["runs"][int(index)])))
+        return
+    rows = run_all(config, args.config, args.overrides)
+    if not rows:
+        sys.exit("No configuration ran successfully.")
+    report(rows, Path(args.out or config.get("out", "results/compare")))
+
+
+if __name__ == "__main__":
+    main()

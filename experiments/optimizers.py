@@ -1,0 +1,67 @@
+"""Build an optimizer by name; parameters it cannot precondition go to a fallback SGD.
+
+Names: ``sgd``, ``singd_stock`` (singd 0.0.5), ``singd_tn`` (kfac_tn.SINGD) and
+``kfac_tn`` (kfac_tn.KFAC, when available). BatchNorm and any other parameters of
+layers without Kronecker factors are trained by ``torch.optim.SGD`` with the same
+``lr``, ``momentum`` and ``weight_decay`` (the *fallback*, documented in the README).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("sgd", "singd_stock", "singd_tn", "kfac_tn")
+
+
+class Combined:
+    """A preconditioning optimizer plus the fallback SGD, stepped together."""
+
+    def __init__(self, main: torch.optim.Optimizer, fallback: torch.optim.Optimizer | None) -> None:
+        self.main, self.fallback = main, fallback
+        self.optimizers = [o for o in (main, fallback) if o is not None]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"main": self.main.state_dict(), "fallback": self.fallback.state_dict() if self.fallback else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.main.load_state_dict(state["main"])
+        if self.fallback is not None:
+            self.fallback.load_state_dict(state["fallback"])
+
+
+def build_optimizer(model: nn.Module, name: str, **kwargs: Any) -> Combined:
+    """Optimizer ``name`` with hyper-parameters ``kwargs`` (its own argument names)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; available: {OPTIMIZERS}.")
+    lr = kwargs.get("lr", 0.01)
+    sgd_kwargs = {k: kwargs[k] for k in ("momentum", "weight_decay") if k in kwargs}
+    if name == "sgd":
+        return Combined(torch.optim.SGD(model.parameters(), lr=lr, **sgd_kwargs), None)
+    if name == "singd_stock":
+        from singd.optim.optimizer import SINGD as cls
+    elif name == "singd_tn":
+        from kfac_tn import SINGD as cls
+    else:
+        from kfac_tn import KFAC as cls
+    if "structures" in kwargs:
+        kwargs["structures"] = tuple(kwargs["structures"])
+    main = cls(model, warn_unsupported=False, **kwargs)
+    covered = {id(p) for g in main.param_groups for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+    fallback = torch.optim.SGD(rest, lr=lr, **sgd_kwargs) if rest else None
+    return Combined(main, fallback)
