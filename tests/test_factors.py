@@ -138,3 +138,16 @@ def test_group_average_matches_singd_convention():
         a = process_input(x.clone(), layer, approx)
         ours = kfac_tn.input_factor(layer, x, approx, group_average=True)
         torch.testing.assert_close(ours[0], a.T @ a)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("loss_average", [None, "batch", "batch+sequence"])
+def test_grad_output_diagonal_and_rows(approx, loss_average):
+    for layer, g in [
+        (nn.Conv2d(4, 6, 3, groups=2).double(), torch.randn(3, 6, 4, 5, dtype=torch.float64)),
+        (nn.Linear(3, 5).double(), torch.randn(3, 2, 4, 5, dtype=torch.float64)),
+    ]:
+        for ga in (False, True):
+            full = kfac_tn.grad_output_factor(layer, g, approx, loss_average, ga)
+            diag = kfac_tn.factors.grad_output_factor_diagonal(layer, g, approx, loss_average, ga)
+            torch.testing.assert_close(diag, full.diagonal(dim1=1, dim2=2))

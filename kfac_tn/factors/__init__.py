@@ -1,12 +1,17 @@
 """Kronecker factors per layer kind, built on the tensor-network engine."""
 
-from kfac_tn.factors.grad_output_factor import grad_output_factor, grad_output_rows
+from kfac_tn.factors.grad_output_factor import (
+    grad_output_factor,
+    grad_output_factor_diagonal,
+    grad_output_rows,
+)
 from kfac_tn.factors.input_factor import input_factor, input_factor_diagonal, input_rows
 from kfac_tn.factors.layers import SUPPORTED_LAYERS
 
 __all__ = [
     "SUPPORTED_LAYERS",
     "grad_output_factor",
+    "grad_output_factor_diagonal",
     "grad_output_rows",
     "input_factor",
     "input_factor_diagonal",

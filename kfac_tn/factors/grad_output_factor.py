@@ -12,6 +12,18 @@ from kfac_tn.factors.layers import check_approx, check_layer, check_output, laye
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 
 
+def _check(layer: nn.Module, grad_output: Tensor, approx: str, loss_average: str | None) -> None:
+    check_layer(layer)
+    check_approx(approx)
+    if loss_average not in LOSS_AVERAGES:
+        raise ValueError(f"Unknown loss_average {loss_average!r}; use one of {LOSS_AVERAGES}.")
+    check_output(layer, grad_output)
+
+
+def _scale(loss_average: str | None, batch: int, positions: int) -> float:
+    return {None: 1.0, "batch": float(batch), "batch+sequence": float(batch * positions)}[loss_average]
+
+
 def grad_output_rows(
     layer: nn.Module,
     grad_output: Tensor,
@@ -26,19 +38,14 @@ def grad_output_rows(
     :func:`grad_output_factor`. ``group_average=True`` keeps all output channels in
     one block (singd's convention for grouped convolutions).
     """
-    check_layer(layer)
-    check_approx(approx)
-    if loss_average not in LOSS_AVERAGES:
-        raise ValueError(f"Unknown loss_average {loss_average!r}; use one of {LOSS_AVERAGES}.")
-    check_output(layer, grad_output)
+    _check(layer, grad_output, approx, loss_average)
     B = grad_output.shape[0]
     G = 1 if group_average else layer_groups(layer)
     if isinstance(layer, nn.Linear):
         g = grad_output.reshape(B, -1, grad_output.shape[-1])  # [B, P, D]
     else:
         g = grad_output.flatten(2).transpose(1, 2)  # [B, P, G·D]
-    positions = g.shape[1]
-    scale = {None: 1.0, "batch": float(B), "batch+sequence": float(B * positions)}[loss_average]
+    scale = _scale(loss_average, B, g.shape[1])
     if approx == "reduce":
         g = g.sum(1, keepdim=True)
     g = g.flatten(0, 1).unflatten(1, (G, -1)).transpose(0, 1)  # [G, R, D]
@@ -70,3 +77,29 @@ def grad_output_factor(
     """
     rows = grad_output_rows(layer, grad_output, approx, loss_average, group_average)
     return torch.bmm(rows.transpose(1, 2), rows)
+
+
+def grad_output_factor_diagonal(
+    layer: nn.Module,
+    grad_output: Tensor,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+    group_average: bool = False,
+) -> Tensor:
+    """``diag(G)`` of :func:`grad_output_factor`, ``[G, D]``, by reductions only (no copies)."""
+    _check(layer, grad_output, approx, loss_average)
+    B = grad_output.shape[0]
+    G = 1 if group_average else layer_groups(layer)
+    if isinstance(layer, nn.Linear):
+        g = grad_output.reshape(B, -1, grad_output.shape[-1])  # [B, P, D]
+        channel_dim, position_dim = 2, 1
+    else:
+        g = grad_output.flatten(2)  # [B, D, P]
+        channel_dim, position_dim = 1, 2
+    scale = _scale(loss_average, B, g.shape[position_dim])
+    if approx == "reduce":
+        diag = g.sum(position_dim).square().sum(0)
+    else:
+        other = tuple(d for d in range(3) if d != channel_dim)
+        diag = torch.linalg.vector_norm(g, dim=other).square()
+    return diag.mul_(scale).reshape(G, -1)

@@ -39,6 +39,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import (
     SUPPORTED_LAYERS,
+    grad_output_factor_diagonal,
     grad_output_rows,
     input_factor,
     input_factor_diagonal,
@@ -168,8 +169,12 @@ class SINGD(StockSINGD):
         return [sandwich(K, a) for K, a in zip(Ks, A)]
 
     def _H_C(self, module: nn.Module, g: Tensor, Cs: list[StructuredMatrix], approx: str, loss_average) -> list[StructuredMatrix]:
-        rows = grad_output_rows(module, g, approx, loss_average, self._group_average)  # [G, R, D]
-        if isinstance(Cs[0], DiagonalMatrix) or _factored_is_cheaper(rows.shape[1], rows.shape[2], Cs[0]):
+        ga = self._group_average
+        if all(isinstance(C, DiagonalMatrix) for C in Cs):
+            diag = grad_output_factor_diagonal(module, g, approx, loss_average, ga)  # [G, D]
+            return [C.from_inner(X=d.sqrt().unsqueeze(1)) for C, d in zip(Cs, diag)]
+        rows = grad_output_rows(module, g, approx, loss_average, ga)  # [G, R, D]
+        if _factored_is_cheaper(rows.shape[1], rows.shape[2], Cs[0]):
             return [inner_with(C, r.T) for C, r in zip(Cs, rows)]
         grams = torch.bmm(rows.transpose(1, 2), rows)
         return [sandwich(C, gram) for C, gram in zip(Cs, grams)]
@@ -314,12 +319,8 @@ class SINGD(StockSINGD):
                 del self.found_inf
 
     def _gradients_finite(self) -> bool:
-        return all(
-            bool(torch.isfinite(p.grad).all())
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        )
+        sums = [p.grad.sum() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
