@@ -46,7 +46,14 @@ from kfac_tn.factors import (
     input_rows,
 )
 from kfac_tn.factors.layers import num_positions
-from kfac_tn.optim.structured_products import inner, inner_with, outer_dense, sandwich
+from kfac_tn.optim.pending import SymmetricSum
+from kfac_tn.optim.structured_products import (
+    inner_with,
+    outer_dense,
+    right_multiply_update_,
+    sandwich,
+    symmetric_addmm_,
+)
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks, num_blocks
 
 GROUPED_CONV = ("exact", "average")
@@ -154,8 +161,8 @@ class SINGD(StockSINGD):
         return block_dims(module, self._group_average)
 
     # ------------------------------------------------------------ statistics
-    def _H_K(self, module: nn.Module, x: Tensor, Ks: list[StructuredMatrix], approx: str) -> list[StructuredMatrix]:
-        """``structure(Kᵀ A K)`` per block, by the cheapest exact route."""
+    def _H_K(self, module: nn.Module, x: Tensor, Ks: list[StructuredMatrix], approx: str) -> list:
+        """``Kᵀ A K`` per block by the cheapest exact route (structured, or pending if dense)."""
         ga = self._group_average
         if all(isinstance(K, DiagonalMatrix) for K in Ks):
             diag = input_factor_diagonal(module, x, approx, ga)  # [G, d]
@@ -164,20 +171,20 @@ class SINGD(StockSINGD):
         rows_count = x.shape[0] if approx == "reduce" else x.shape[0] * num_positions(module, x)
         if approx == "reduce" or _factored_is_cheaper(rows_count, dim_K, Ks[0]):
             rows = input_rows(module, x, approx, ga)  # [G, R, d]
-            return [inner_with(K, r.T) for K, r in zip(Ks, rows)]
+            return [_inner_with(K, r.T) for K, r in zip(Ks, rows)]
         A = input_factor(module, x, approx, ga)  # [G, d, d]
-        return [sandwich(K, a) for K, a in zip(Ks, A)]
+        return [_sandwich(K, a) for K, a in zip(Ks, A)]
 
-    def _H_C(self, module: nn.Module, g: Tensor, Cs: list[StructuredMatrix], approx: str, loss_average) -> list[StructuredMatrix]:
+    def _H_C(self, module: nn.Module, g: Tensor, Cs: list[StructuredMatrix], approx: str, loss_average) -> list:
         ga = self._group_average
         if all(isinstance(C, DiagonalMatrix) for C in Cs):
             diag = grad_output_factor_diagonal(module, g, approx, loss_average, ga)  # [G, D]
             return [C.from_inner(X=d.sqrt().unsqueeze(1)) for C, d in zip(Cs, diag)]
         rows = grad_output_rows(module, g, approx, loss_average, ga)  # [G, R, D]
         if _factored_is_cheaper(rows.shape[1], rows.shape[2], Cs[0]):
-            return [inner_with(C, r.T) for C, r in zip(Cs, rows)]
+            return [_inner_with(C, r.T) for C, r in zip(Cs, rows)]
         grams = torch.bmm(rows.transpose(1, 2), rows)
-        return [sandwich(C, gram) for C, gram in zip(Cs, grams)]
+        return [_sandwich(C, gram) for C, gram in zip(Cs, grams)]
 
     def _accumulate_H_terms(self, module: nn.Module, inputs: tuple[Tensor], grad_output: Tensor) -> None:
         loss_average = self._get_param_group_entry(module, "loss_average")
@@ -224,38 +231,33 @@ class SINGD(StockSINGD):
             )
             return
         prev_grad_scale = self._get_grad_scale(self.steps - 1)
-        grad_scale = self._get_grad_scale(self.steps)
-        grad_unscaling = prev_grad_scale / grad_scale**2
+        grad_unscaling = prev_grad_scale / self._get_grad_scale(self.steps) ** 2
         kfac_like = self._get_param_group_entry(module, "kfac_like")
         damping = self._get_param_group_entry(module, "damping")
         alpha1 = self._get_param_group_entry(module, "alpha1")
-        normalize_lr_cov = self._get_param_group_entry(module, "normalize_lr_cov")
-        scale = 0.5 * (1.0 - alpha1 if normalize_lr_cov else 1.0)
-        (dtype_K, dtype_C), dev = self._get_preconditioner_dtypes_and_device(module)
+        normalize = self._get_param_group_entry(module, "normalize_lr_cov")
+        scale = 0.5 * (1.0 - alpha1 if normalize else 1.0)
         lr_cov = self._get_param_group_entry(module, "lr_cov")
         beta1 = lr_cov(self.steps) if callable(lr_cov) else lr_cov
-        dim_K, dim_C = block_dims(module, self._group_average)
         for b, (K, C, H_K, H_C) in enumerate(zip(self.Ks[name], self.Cs[name], H_Ks, H_Cs)):
-            K_tK, C_tC = inner(K), inner(C)
-            new_m_K = K.zeros(dim_K, dtype=dtype_K, device=dev)
-            new_m_K.add_(H_K, alpha=1.0 if kfac_like else grad_unscaling * H_C.average_trace())
-            new_m_K.add_(K_tK, alpha=damping * (1.0 if kfac_like else C_tC.average_trace()))
-            new_m_K.diag_add_(-1.0).mul_(scale)
-            new_m_C = C.zeros(dim_C, dtype=dtype_C, device=dev)
-            new_m_C.add_(H_C, alpha=grad_unscaling if kfac_like else grad_unscaling * H_K.average_trace())
-            new_m_C.add_(C_tC, alpha=damping * (1.0 if kfac_like else K_tK.average_trace()))
-            new_m_C.diag_add_(-1.0).mul_(scale)
+            tr_KK, tr_CC = _average_trace_inner(K), _average_trace_inner(C)
+            tr_HK, tr_HC = H_K.average_trace(), H_C.average_trace()
+            m_K = self.m_Ks[name][b] if alpha1 != 0.0 else None
+            m_C = self.m_Cs[name][b] if alpha1 != 0.0 else None
+            new_m_K = _riemannian_step(
+                K, H_K, m_K,
+                a_H=1.0 if kfac_like else grad_unscaling * tr_HC,
+                a_MM=damping * (1.0 if kfac_like else tr_CC),
+                scale=scale, alpha1=alpha1, beta=beta1, normalize=normalize,
+            )
+            new_m_C = _riemannian_step(
+                C, H_C, m_C,
+                a_H=grad_unscaling if kfac_like else grad_unscaling * tr_HK,
+                a_MM=damping * (1.0 if kfac_like else tr_KK),
+                scale=scale, alpha1=alpha1, beta=beta1, normalize=normalize,
+            )
             if alpha1 != 0.0:
-                new_m_C.add_(self.m_Cs[name][b], alpha=alpha1)
-                new_m_K.add_(self.m_Ks[name][b], alpha=alpha1)
-                self.m_Cs[name][b] = new_m_C
-                self.m_Ks[name][b] = new_m_K
-            beta1_K = beta1_C = beta1
-            if normalize_lr_cov:
-                beta1_K /= max(1.0, new_m_K.infinity_vector_norm())
-                beta1_C /= max(1.0, new_m_C.infinity_vector_norm())
-            K.add_(K @ new_m_K, alpha=-beta1_K)
-            C.add_(C @ new_m_C, alpha=-beta1_C)
+                self.m_Ks[name][b], self.m_Cs[name][b] = new_m_K, new_m_C
         self._invalidate(name)
 
     def _invalidate(self, name: str) -> None:
@@ -346,6 +348,72 @@ class SINGD(StockSINGD):
             self._invalidate(name)
 
 
+def _inner_with(M: StructuredMatrix, X: Tensor):
+    """Pending ``Mᵀ X Xᵀ M``: thin factor for dense M when it is smaller than d × d."""
+    if isinstance(M, DenseMatrix) and 2 * X.shape[1] <= X.shape[0]:
+        return SymmetricSum(factor=M.rmatmat(X))
+    H = inner_with(M, X)
+    return SymmetricSum(dense=H.to_dense()) if isinstance(M, DenseMatrix) else H
+
+
+def _sandwich(M: StructuredMatrix, A: Tensor):
+    H = sandwich(M, A)
+    return SymmetricSum(dense=H.to_dense()) if isinstance(M, DenseMatrix) else H
+
+
+def _average_trace_inner(M: StructuredMatrix) -> Tensor:
+    """``tr(Mᵀ M) / d``; for dense M the squared Frobenius norm, without forming MᵀM."""
+    if isinstance(M, DenseMatrix):
+        mat = M.to_dense()
+        return mat.square().sum() / mat.shape[0]
+    return M.from_inner().average_trace()
+
+
+def _riemannian_step(
+    M: StructuredMatrix, H, m_old: StructuredMatrix | None, *, a_H, a_MM, scale: float,
+    alpha1: float, beta: float, normalize: bool,
+) -> StructuredMatrix:
+    """``m = scale·(a_H·H + a_MM·MᵀM − I) + alpha1·m_old``; ``M ← M − β·M m``. Returns m.
+
+    Dense M: in place in ``m_old``'s buffer (symmetric block products, row-blocked
+    ``M m``), so the update needs no d × d temporaries. Other structures: singd's
+    structured arithmetic, as stock.
+    """
+    if isinstance(M, DenseMatrix):
+        mat = M.to_dense()
+        if m_old is not None:
+            buf = m_old.to_dense().mul_(alpha1)
+        else:
+            buf = torch.zeros_like(mat)
+        symmetric_addmm_(buf, mat.T, mat, alpha=float(scale * a_MM))
+        H.add_to_(buf, alpha=float(scale * a_H))
+        buf.diagonal().sub_(scale)
+        new_m = m_old if m_old is not None else DenseMatrix(buf)
+        if normalize:
+            beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
+        right_multiply_update_(mat, buf, beta)
+        return new_m
+    dim = M.shape[0]
+    new_m = M.zeros(dim, dtype=_dtype(M), device=_device(M))
+    new_m.add_(H, alpha=a_H)
+    new_m.add_(M.from_inner(), alpha=a_MM)
+    new_m.diag_add_(-1.0).mul_(scale)
+    if m_old is not None:
+        new_m.add_(m_old, alpha=alpha1)
+    if normalize:
+        beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
+    M.add_(M @ new_m, alpha=-beta)
+    return new_m
+
+
+def _dtype(M: StructuredMatrix) -> torch.dtype:
+    return next(t for _, t in M.named_tensors()).dtype
+
+
+def _device(M: StructuredMatrix) -> torch.device:
+    return next(t for _, t in M.named_tensors()).device
+
+
 def _factored_is_cheaper(rows: int, dim: int, M: StructuredMatrix) -> bool:
     """Whether ``(X M)ᵀ(X M)`` from ``rows`` rows beats forming ``Mᵀ (XᵀX) M``.
 
@@ -356,8 +424,10 @@ def _factored_is_cheaper(rows: int, dim: int, M: StructuredMatrix) -> bool:
     return rows <= (2 * dim if isinstance(M, DenseMatrix) else dim)
 
 
-def _is_finite(H: StructuredMatrix) -> bool:
+def _is_finite(H) -> bool:
     """One reduction per tensor: a sum is finite iff no entry is inf/NaN (barring overflow)."""
+    if isinstance(H, SymmetricSum):
+        return H.is_finite()
     return all(bool(torch.isfinite(t.sum())) for _, t in H.named_tensors())
 
 

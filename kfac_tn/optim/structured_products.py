@@ -34,6 +34,31 @@ def symmetric_product(left: Tensor, right: Tensor, levels: int = 3) -> Tensor:
     return out
 
 
+def symmetric_addmm_(target: Tensor, left: Tensor, right: Tensor, alpha: float, levels: int = 3) -> Tensor:
+    """``target += alpha · left @ right`` in place, for a symmetric target and product.
+
+    Only the lower block triangle is multiplied; the upper off-diagonal blocks are
+    mirrored from it, so ``target`` must be symmetric before the call.
+    """
+    n = target.shape[0]
+    if levels == 0 or n < MIN_SPLIT:
+        return target.addmm_(left, right, alpha=alpha)
+    h = n // 2
+    symmetric_addmm_(target[:h, :h], left[:h], right[:, :h], alpha, levels - 1)
+    symmetric_addmm_(target[h:, h:], left[h:], right[:, h:], alpha, levels - 1)
+    target[h:, :h].addmm_(left[h:], right[:, :h], alpha=alpha)
+    target[:h, h:].copy_(target[h:, :h].T)
+    return target
+
+
+def right_multiply_update_(M: Tensor, update: Tensor, beta: float, rows: int = 256) -> Tensor:
+    """``M ← M − beta · M @ update`` in place, a block of rows at a time (small temporaries)."""
+    for start in range(0, M.shape[0], rows):
+        block = M[start : start + rows]
+        block.sub_(block @ update, alpha=beta)
+    return M
+
+
 def inner(M: StructuredMatrix) -> StructuredMatrix:
     """``structure(Mᵀ M)``."""
     if isinstance(M, DenseMatrix):

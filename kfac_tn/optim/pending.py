@@ -1,0 +1,67 @@
+"""Curvature statistics of dense factors, kept factored until the preconditioner update.
+
+Between the backward pass and the update, stock SINGD holds ``H = Kᵀ A K`` as a dense
+``d × d`` matrix for every layer at once. :class:`SymmetricSum` keeps ``H = Σ S Sᵀ``
+as its thin factors ``S`` (``d × R``, R = batch size for KFAC-reduce) where that is
+smaller, and adds them into the update's buffer one layer at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class SymmetricSum:
+    """``H = Σ_i S_i S_iᵀ + D`` with thin factors ``S_i`` ``[d, R_i]`` and a dense part ``D``."""
+
+    def __init__(self, factor: Tensor | None = None, dense: Tensor | None = None) -> None:
+        self.factors: list[Tensor] = [] if factor is None else [factor]
+        self.dense = dense
+
+    @property
+    def dim(self) -> int:
+        return self.dense.shape[0] if self.dense is not None else self.factors[0].shape[0]
+
+    def add_(self, other: "SymmetricSum") -> "SymmetricSum":
+        self.factors.extend(other.factors)
+        if other.dense is not None:
+            self.dense = other.dense.clone() if self.dense is None else self.dense.add_(other.dense)
+        return self
+
+    def average_trace(self) -> Tensor:
+        total = sum(S.square().sum() for S in self.factors)
+        if self.dense is not None:
+            total = total + self.dense.diagonal().sum()
+        return total / self.dim
+
+    def add_to_(self, target: Tensor, alpha: float) -> Tensor:
+        """``target += alpha · H`` in place."""
+        for S in self.factors:
+            target.addmm_(S, S.T, alpha=alpha)
+        if self.dense is not None:
+            target.add_(self.dense, alpha=alpha)
+        return target
+
+    def to_dense(self) -> Tensor:
+        out = torch.zeros(self.dim, self.dim, dtype=self._dtype, device=self._device)
+        return self.add_to_(out, 1.0)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return (self.dense if self.dense is not None else self.factors[0]).dtype
+
+    @property
+    def _device(self) -> torch.device:
+        return (self.dense if self.dense is not None else self.factors[0]).device
+
+    def is_finite(self) -> bool:
+        parts = self.factors + ([self.dense] if self.dense is not None else [])
+        return all(bool(torch.isfinite(t.sum())) for t in parts)
+
+    def all_reduce(self, op=dist.ReduceOp.AVG) -> None:
+        """Sum/average over processes (factors of different ranks cannot be summed: densify)."""
+        self.dense = self.to_dense()
+        self.factors = []
+        dist.all_reduce(self.dense, op=op)
