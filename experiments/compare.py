@@ -37,7 +37,7 @@ RUN_KEYS = {
     "optimizer": str, "label": str, "lr": (int, float), "momentum": (int, float),
     "damping": (int, float), "alpha1": (int, float), "weight_decay": (int, float), "T": int,
     "loss_average": str, "lr_cov": (int, float), "structures": list, "kfac_approx": str,
-    "kfac_like": bool, "normalize_lr_cov": bool, "grouped_conv": str,
+    "kfac_like": bool, "normalize_lr_cov": bool, "grouped_conv": str, "natural_gradient_cache": str,
 }
 
 
@@ -109,6 +109,7 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
         hyper = {k: v for k, v in hyper.items() if k in ("lr", "momentum", "weight_decay")}
     if run["optimizer"] == "singd_stock":
         hyper.pop("grouped_conv", None)
+        hyper.pop("natural_gradient_cache", None)
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

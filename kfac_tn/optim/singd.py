@@ -13,9 +13,11 @@ reuses its structured matrices). What differs:
   (or of a small unfolded input); otherwise the factor A (shift Grams, no unfolding)
   sandwiched by ``K``'s structured products. ``H_C`` likewise from the gradient rows or
   their Gram matrix, whichever is cheaper.
-- Natural gradient ``C Cᵀ ∇W K Kᵀ``: for dense structures, ``K Kᵀ`` / ``C Cᵀ`` are cached
-  between preconditioner updates when that saves FLOPs (``T·dim_C > dim_K``), halving
-  the per-step products.
+- Natural gradient ``C Cᵀ ∇W K Kᵀ``: for dense structures, ``K Kᵀ`` / ``C Cᵀ`` can be
+  cached between preconditioner updates when that saves FLOPs (``T·dim_C > 0.6·dim_K``),
+  halving the per-step products (see ``natural_gradient_cache``).
+- Memory: dense statistics wait for the update as thin factors ``S`` (``H = S Sᵀ``), and
+  the dense update works in place in the momentum buffer, one layer at a time.
 - No statistics in eval mode or under ``torch.no_grad()``; non-finite statistics skip
   the update of that layer's pre-conditioner with a warning instead of corrupting it.
 """
@@ -57,6 +59,7 @@ from kfac_tn.optim.structured_products import (
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks, num_blocks
 
 GROUPED_CONV = ("exact", "average")
+NATURAL_GRADIENT_CACHE = ("memory", "time", "none")
 
 
 class SINGD(StockSINGD):
@@ -69,6 +72,10 @@ class SINGD(StockSINGD):
         grouped_conv: ``"exact"`` (one K, C per channel group) or ``"average"``
             (singd's convention: input averaged over groups, one shared K and one C over
             all output channels).
+        natural_gradient_cache: keep ``K Kᵀ`` / ``C Cᵀ`` between preconditioner updates
+            where that saves FLOPs: ``"memory"`` (default: only caches no larger than the
+            layer's other factor), ``"time"`` (every cache that saves FLOPs, at up to one
+            extra K-sized matrix per layer), or ``"none"``.
     """
 
     SUPPORTED_MODULES = SUPPORTED_LAYERS
@@ -93,6 +100,7 @@ class SINGD(StockSINGD):
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
         grouped_conv: str = "exact",
+        natural_gradient_cache: str = "memory",
     ):
         if isinstance(model, (DataParallel, DistributedDataParallel)):
             raise TypeError(
@@ -108,6 +116,11 @@ class SINGD(StockSINGD):
         if grouped_conv not in GROUPED_CONV:
             raise ValueError(f"grouped_conv must be one of {GROUPED_CONV}, got {grouped_conv!r}.")
         self.grouped_conv = grouped_conv
+        if natural_gradient_cache not in NATURAL_GRADIENT_CACHE:
+            raise ValueError(
+                f"natural_gradient_cache must be one of {NATURAL_GRADIENT_CACHE}, got {natural_gradient_cache!r}."
+            )
+        self.natural_gradient_cache = natural_gradient_cache
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
         super().__init__(
             model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
@@ -266,6 +279,18 @@ class SINGD(StockSINGD):
             for key in cache:
                 cache[key] = [None] * len(cache[key])
 
+    def _cache_pays(self, T: int, dim: int, other: int) -> bool:
+        """Whether to keep ``M Mᵀ`` (d × d) between updates for the natural gradient.
+
+        It costs ~0.6·d³ per update and saves d²·d' multiply-adds per step, so it saves
+        time when ``T·d' > 0.6·d``. ``"time"`` caches whenever that holds; ``"memory"``
+        (default) only when the cache is no larger than the other factor (d <= d'), so
+        the persistent state grows by at most the smaller factor; ``"none"`` never.
+        """
+        if self.natural_gradient_cache == "none" or T * other <= 0.6 * dim:
+            return False
+        return self.natural_gradient_cache == "time" or dim <= other
+
     def _projector(self, name: str, key: str, b: int, M: StructuredMatrix, use_cache: bool) -> Tensor | None:
         """Cached dense ``M Mᵀ`` (only for dense structures where it saves FLOPs)."""
         if not use_cache or not isinstance(M, DenseMatrix):
@@ -290,9 +315,8 @@ class SINGD(StockSINGD):
             if grad_scale != 1.0:
                 grad = grad / grad_scale
             K, C = self.Ks[name][b], self.Cs[name][b]
-            # a cached M Mᵀ costs ~0.6·d³ per update and saves d²·d' per step
-            KKT = self._projector(name, "KKT", b, K, T * dim_C > 0.6 * dim_K)
-            CCT = self._projector(name, "CCT", b, C, T * dim_K > 0.6 * dim_C)
+            KKT = self._projector(name, "KKT", b, K, self._cache_pays(T, dim_K, dim_C))
+            CCT = self._projector(name, "CCT", b, C, self._cache_pays(T, dim_C, dim_K))
             g = grad.to(dtype_K) if dtype_K is not None else grad
             nat = g @ KKT if KKT is not None else (K @ K.rmatmat(g.T)).T
             nat = nat.to(dtype_C) if dtype_C is not None else nat
