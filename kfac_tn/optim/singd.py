@@ -318,6 +318,12 @@ class SINGD(StockSINGD):
             KKT = self._projector(name, "KKT", b, K, self._cache_pays(T, dim_K, dim_C))
             CCT = self._projector(name, "CCT", b, C, self._cache_pays(T, dim_C, dim_K))
             g = grad.to(dtype_K) if dtype_K is not None else grad
+            if isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix):
+                # C Cᵀ G K Kᵀ = diag(c²) G diag(k²): two passes instead of four products
+                k2, c2 = _diagonal(K).square(), _diagonal(C).square()
+                nat = g.mul(k2).to(dtype_C or g.dtype).mul_(c2.unsqueeze(1))
+                out.append(nat.to(grad.dtype))
+                continue
             nat = g @ KKT if KKT is not None else (K @ K.rmatmat(g.T)).T
             nat = nat.to(dtype_C) if dtype_C is not None else nat
             nat = CCT @ nat if CCT is not None else C @ C.rmatmat(nat)
@@ -428,6 +434,11 @@ def _riemannian_step(
         beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
     M.add_(M @ new_m, alpha=-beta)
     return new_m
+
+
+def _diagonal(M: DiagonalMatrix) -> Tensor:
+    """The stored diagonal of a ``DiagonalMatrix`` (``to_dense`` would build d × d)."""
+    return dict(M.named_tensors())["_mat_diag"]
 
 
 def _dtype(M: StructuredMatrix) -> torch.dtype:
