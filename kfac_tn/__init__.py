@@ -1,7 +1,8 @@
 """kfac_tn: KFAC and SINGD for CNNs with tensor-network Kronecker factors."""
 
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
+from kfac_tn.curvature import kfac_factors
 from kfac_tn.optim import SINGD
 
-__all__ = ["SINGD", "SUPPORTED_LAYERS", "grad_output_factor", "input_factor"]
+__all__ = ["SINGD", "SUPPORTED_LAYERS", "grad_output_factor", "input_factor", "kfac_factors"]
 __version__ = "0.1.0"
