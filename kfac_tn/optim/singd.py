@@ -25,7 +25,6 @@ reuses its structured matrices). What differs:
 from __future__ import annotations
 
 from math import sqrt
-from numbers import Real
 from typing import Any, Callable, Iterable
 from warnings import warn
 
@@ -56,6 +55,7 @@ from kfac_tn.optim.structured_products import (
     sandwich,
     symmetric_addmm_,
 )
+from kfac_tn.optim.validation import in_unit_interval, non_negative, one_of, positive_int
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks, num_blocks
 
 GROUPED_CONV = ("exact", "average")
@@ -113,13 +113,9 @@ class SINGD(StockSINGD):
             loss_average=loss_average, init_grad_scale=init_grad_scale,
             supported_structures=self.SUPPORTED_STRUCTURES,
         )
-        if grouped_conv not in GROUPED_CONV:
-            raise ValueError(f"grouped_conv must be one of {GROUPED_CONV}, got {grouped_conv!r}.")
+        one_of("grouped_conv", grouped_conv, GROUPED_CONV)
         self.grouped_conv = grouped_conv
-        if natural_gradient_cache not in NATURAL_GRADIENT_CACHE:
-            raise ValueError(
-                f"natural_gradient_cache must be one of {NATURAL_GRADIENT_CACHE}, got {natural_gradient_cache!r}."
-            )
+        one_of("natural_gradient_cache", natural_gradient_cache, NATURAL_GRADIENT_CACHE)
         self.natural_gradient_cache = natural_gradient_cache
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
         super().__init__(
@@ -471,22 +467,17 @@ def _validate_hyperparameters(
     loss_average, supported_structures, init_grad_scale=1.0,
 ) -> None:
     """ValueError naming the first invalid hyper-parameter."""
-    for value, name in ((lr, "lr"), (momentum, "momentum"), (damping, "damping"),
-                        (weight_decay, "weight_decay"), (init_grad_scale, "init_grad_scale")):
-        if not isinstance(value, Real) or not value >= 0:
-            raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
-    if not isinstance(alpha1, Real) or not 0 <= alpha1 < 1:
-        raise ValueError(f"alpha1 must lie in [0, 1), got {alpha1!r}.")
-    if not callable(lr_cov) and (not isinstance(lr_cov, Real) or not lr_cov >= 0):
-        raise ValueError(f"lr_cov must be a non-negative number or a callable, got {lr_cov!r}.")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be an integer >= 1, got {T!r}.")
+    for name, value in (("lr", lr), ("momentum", momentum), ("damping", damping),
+                        ("weight_decay", weight_decay), ("init_grad_scale", init_grad_scale)):
+        non_negative(name, value)
+    in_unit_interval("alpha1", alpha1)
+    if not callable(lr_cov):
+        non_negative("lr_cov", lr_cov)
+    positive_int("T", T)
     if not isinstance(structures, (tuple, list)) or len(structures) != 2:
         raise ValueError(f"structures must be a pair of structure names, got {structures!r}.")
     for s in structures:
         if s not in supported_structures:
             raise ValueError(f"Unknown structure {s!r} in structures; use one of {sorted(supported_structures)}.")
-    if kfac_approx not in ("expand", "reduce"):
-        raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}.")
-    if loss_average not in (None, "batch", "batch+sequence"):
-        raise ValueError(f"loss_average must be None, 'batch' or 'batch+sequence', got {loss_average!r}.")
+    one_of("kfac_approx", kfac_approx, ("expand", "reduce"))
+    one_of("loss_average", loss_average, (None, "batch", "batch+sequence"))

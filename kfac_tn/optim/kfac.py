@@ -1,0 +1,282 @@
+"""Classic KFAC on the tensor-network factors, with torch.optim conventions.
+
+Per layer block, running averages ``A ← ε A + (1 − ε) A_new`` and likewise G are
+updated every ``factor_update_freq`` steps from hooks (KFAC-expand or -reduce factors
+of :mod:`kfac_tn.factors`); every ``inverse_update_freq`` steps the damped factors are
+inverted (eigendecomposition or Cholesky, in ``inverse_dtype``); every step the
+gradient ``V`` of a layer block becomes ``(G + δ_G I)⁻¹ V (A + δ_A I)⁻¹`` with
+Tikhonov damping ``δ_A = π √λ``, ``δ_G = √λ / π`` (π = 1, or the π-correction of
+Martens & Grosse when ``pi_damping``), then weight decay, momentum and ``lr`` as in
+SGD. Parameters of the optimizer that belong to no supported layer get the SGD step.
+
+Several backward passes before one ``step`` (gradient accumulation) contribute the
+mean of their factors; each pass's loss should be the average over its own micro-batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+from warnings import warn
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from kfac_tn.capture import LayerCapture
+from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
+from kfac_tn.optim.validation import in_unit_interval, non_negative, one_of, positive_int
+from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks
+
+INVERSE_METHODS = ("eigh", "cholesky")
+
+
+def _damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of symmetric PSD blocks ``[B, d, d]``: (eigenvalues >= 0, vectors).
+
+    LAPACK's float32 solver can fail to converge on ill-conditioned factors; then the
+    decomposition is repeated in float64 (and cast back), which is exact, not a fudge.
+    """
+    M = M.to(dtype)
+    M = (M + M.transpose(1, 2)) / 2
+    try:
+        evals, evecs = torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        evals, evecs = torch.linalg.eigh(M.double())
+        evals, evecs = evals.to(dtype), evecs.to(dtype)
+    return evals.clamp_min_(0), evecs
+
+
+class KFAC(torch.optim.Optimizer):
+    """Kronecker-factored approximate curvature optimizer for Linear and every conv layer.
+
+    Args:
+        model: the network; its supported layers are hooked (keyed by module name).
+        params: parameters or param groups (default: those of the supported layers).
+            Per group: ``lr``, ``momentum``, ``weight_decay``, ``damping``.
+        lr, momentum, weight_decay: as in SGD (weight decay is added after
+            preconditioning).
+        damping: Tikhonov damping λ (> 0 unless the factors are known to be regular).
+        pi_damping: split λ between the factors with the π-correction.
+        ema_decay: ε of the running averages of A and G, in [0, 1).
+        factor_update_freq: steps between factor updates (statistics captured only then).
+        inverse_update_freq: steps between inversions (a multiple is sensible).
+        inverse_method: ``"eigh"`` or ``"cholesky"``.
+        inverse_dtype: ``torch.float32`` or ``torch.float64`` for the inversion.
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        loss_average: ``None`` (sum), ``"batch"`` or ``"batch+sequence"`` (see
+            :func:`kfac_tn.grad_output_factor`).
+        grouped_conv: ``"exact"`` (a block per group) or ``"average"``.
+        warn_unsupported: warn about trainable layers that get no preconditioning.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: None | Iterable[nn.Parameter] | list[dict[str, Any]] = None,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 1e-3,
+        pi_damping: bool = False,
+        ema_decay: float = 0.95,
+        factor_update_freq: int = 1,
+        inverse_update_freq: int = 10,
+        inverse_method: str = "eigh",
+        inverse_dtype: torch.dtype = torch.float32,
+        kfac_approx: str = "expand",
+        loss_average: str | None = "batch",
+        grouped_conv: str = "exact",
+        warn_unsupported: bool = True,
+    ) -> None:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            raise TypeError("DataParallel/DistributedDataParallel wrappers are not supported: pass the unwrapped model.")
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("damping", damping)):
+            non_negative(name, value)
+        in_unit_interval("ema_decay", ema_decay)
+        positive_int("factor_update_freq", factor_update_freq)
+        positive_int("inverse_update_freq", inverse_update_freq)
+        one_of("inverse_method", inverse_method, INVERSE_METHODS)
+        one_of("inverse_dtype", inverse_dtype, (torch.float32, torch.float64))
+        one_of("kfac_approx", kfac_approx, ("expand", "reduce"))
+        one_of("loss_average", loss_average, (None, "batch", "batch+sequence"))
+        one_of("grouped_conv", grouped_conv, ("exact", "average"))
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
+        if params is None:
+            params = [p for m in layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
+            if warn_unsupported:
+                for name, m in model.named_modules():
+                    own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+                    if own and not isinstance(m, SUPPORTED_LAYERS):
+                        warn(f"Layer {name!r} ({type(m).__name__}) is not supported: its parameters are not trained.")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for key in ("lr", "momentum", "weight_decay", "damping"):
+                non_negative(key, group[key])
+        self.pi_damping, self.ema_decay = pi_damping, ema_decay
+        self.factor_update_freq, self.inverse_update_freq = factor_update_freq, inverse_update_freq
+        self.inverse_method, self.inverse_dtype = inverse_method, inverse_dtype
+        self.kfac_approx, self.loss_average = kfac_approx, loss_average
+        self.group_average = grouped_conv == "average"
+        self.steps = 0
+        group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self.layers: dict[str, nn.Module] = {}
+        for name, m in layers.items():
+            groups = {group_of[p] for p in m.parameters(recurse=False) if p in group_of}
+            if len(groups) > 1:
+                raise ValueError(f"Parameters of layer {name!r} are in different param groups {sorted(groups)}.")
+            if groups:
+                self.layers[name] = m
+        self._group_index = {name: group_of[m.weight] for name, m in self.layers.items()}
+        self.kfac_state: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._capture = LayerCapture(self.layers, self._accumulate, self._statistics_due)
+
+    # ----------------------------------------------------------- statistics
+    def _statistics_due(self, name: str, module: nn.Module) -> bool:
+        return self.steps % self.factor_update_freq == 0
+
+    def _accumulate(self, name: str, module: nn.Module, x: Tensor, grad_output: Tensor) -> None:
+        A = input_factor(module, x, self.kfac_approx, self.group_average)
+        G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
+        pending = self._pending.setdefault(name, {"A": 0, "G": 0, "count": 0})
+        pending["A"] = pending["A"] + A
+        pending["G"] = pending["G"] + G
+        pending["count"] += 1
+
+    def _absorb_statistics(self) -> None:
+        for name, pending in self._pending.items():
+            A, G = pending["A"] / pending["count"], pending["G"] / pending["count"]
+            if not (torch.isfinite(A.sum()) and torch.isfinite(G.sum())):
+                warn(f"Non-finite KFAC factors in layer {name!r} at step {self.steps}; they are not used.")
+                continue
+            state = self.kfac_state[name]
+            if "A" in state:
+                state["A"].mul_(self.ema_decay).add_(A, alpha=1 - self.ema_decay)
+                state["G"].mul_(self.ema_decay).add_(G, alpha=1 - self.ema_decay)
+            else:
+                state["A"], state["G"] = A, G
+        self._pending = {}
+
+    # ------------------------------------------------------------- inverses
+    def _damping_split(self, A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+        """Per block ``(δ_A, δ_G)`` with ``δ_A δ_G = λ``; shapes ``[B, 1]``."""
+        root = torch.full((A.shape[0], 1), damping**0.5, dtype=A.dtype, device=A.device)
+        if not self.pi_damping:
+            return root, root
+        tr_A = A.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
+        tr_G = G.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
+        pi = (tr_A / tr_G).sqrt().nan_to_num(nan=1.0, posinf=1.0).clamp_min(1e-12)
+        return root * pi, root / pi
+
+    def _invert(self, name: str) -> None:
+        state = self.kfac_state[name]
+        damping = self.param_groups[self._group_index[name]]["damping"]
+        A, G = state["A"], state["G"]
+        d_A, d_G = self._damping_split(A, G, damping)
+        dtype = self.inverse_dtype
+        if self.inverse_method == "eigh":
+            state["eval_A"], state["Q_A"] = _damped_eigh(A, dtype)
+            state["eval_G"], state["Q_G"] = _damped_eigh(G, dtype)
+            state["eval_A"] += d_A.to(dtype)
+            state["eval_G"] += d_G.to(dtype)
+            return
+        eye_A = torch.eye(A.shape[-1], dtype=dtype, device=A.device)
+        eye_G = torch.eye(G.shape[-1], dtype=dtype, device=G.device)
+        for key, M, delta, eye in (("A_inv", A, d_A, eye_A), ("G_inv", G, d_G, eye_G)):
+            L, info = torch.linalg.cholesky_ex(M.to(dtype) + delta.to(dtype).unsqueeze(-1) * eye)
+            if bool((info > 0).any()):
+                raise torch.linalg.LinAlgError(
+                    f"Cholesky of the damped {key[0]} factor of layer {name!r} failed: increase damping "
+                    f"(now {damping}) or use inverse_method='eigh'."
+                )
+            state[key] = torch.cholesky_inverse(L)
+
+    def _precondition(self, name: str, blocks: list[Tensor]) -> list[Tensor]:
+        state = self.kfac_state[name]
+        out = []
+        for b, V in enumerate(blocks):
+            v = V.to(self.inverse_dtype)
+            if self.inverse_method == "eigh":
+                Q_A, Q_G = state["Q_A"][b], state["Q_G"][b]
+                inner = Q_G.T @ v @ Q_A
+                inner /= state["eval_G"][b].unsqueeze(1) * state["eval_A"][b].unsqueeze(0)
+                nat = Q_G @ inner @ Q_A.T
+            else:
+                nat = state["G_inv"][b] @ v @ state["A_inv"][b]
+            out.append(nat.to(V.dtype))
+        return out
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Precondition the gradients and update the parameters (skipped on inf/NaN)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
+            warn(f"Non-finite gradients at step {self.steps}; skipping the step (state unchanged).")
+            self._pending = {}
+            self.steps += 1
+            return loss
+        self._absorb_statistics()
+        invert = self.steps % self.inverse_update_freq == 0
+        directions: dict[int, Tensor] = {}
+        for name, module in self.layers.items():
+            state = self.kfac_state[name]
+            if "A" not in state or module.weight.grad is None:
+                continue
+            if invert or ("Q_A" not in state and "A_inv" not in state):
+                self._invert(name)
+            has_bias = module.bias is not None and module.bias.grad is not None
+            blocks = matrix_blocks(module, module.weight.grad, module.bias.grad if has_bias else None, self.group_average)
+            for p, d in zip((module.weight, module.bias), from_matrix_blocks(module, self._precondition(name, blocks), has_bias)):
+                directions[id(p)] = d
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = directions.get(id(p), p.grad)
+                if group["weight_decay"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                if group["momentum"]:
+                    buf = self.state[p].get("momentum_buffer")
+                    if buf is None:
+                        buf = self.state[p]["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(d)
+                    d = buf
+                p.add_(d, alpha=-group["lr"])
+        self.steps += 1
+        return loss
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["kfac"] = {"steps": self.steps, "layers": {n: dict(s) for n, s in self.kfac_state.items()}}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        kfac = state_dict.pop("kfac", None)
+        if kfac is None:
+            raise ValueError("State dict has no 'kfac' entry: not a kfac_tn.KFAC state.")
+        if set(kfac["layers"]) != set(self.kfac_state):
+            raise ValueError(
+                f"State dict is for other layers: it has {sorted(kfac['layers'])}, this optimizer "
+                f"{sorted(self.kfac_state)}."
+            )
+        for name, layer_state in kfac["layers"].items():
+            mine = self.layers[name]
+            if "A" in layer_state:
+                dim_K, dim_C = block_dims(mine, self.group_average)
+                if layer_state["A"].shape[-1] != dim_K or layer_state["G"].shape[-1] != dim_C:
+                    raise ValueError(f"State dict factors of layer {name!r} do not match its shape.")
+        super().load_state_dict(state_dict)
+        self.steps = kfac["steps"]
+        self.kfac_state = {
+            name: {k: v.to(self.layers[name].weight.device) for k, v in s.items()} for name, s in kfac["layers"].items()
+        }
+        self._pending = {}

@@ -1,0 +1,32 @@
+"""Hyper-parameter checks that raise a ``ValueError`` naming the argument."""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any, Iterable
+
+
+def non_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
+
+
+def in_unit_interval(name: str, value: Any, closed_right: bool = False) -> None:
+    """``0 <= value < 1`` (or ``<= 1`` with ``closed_right``)."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and 0 <= value and (
+        value <= 1 if closed_right else value < 1
+    )
+    if not ok:
+        bound = "]" if closed_right else ")"
+        raise ValueError(f"{name} must lie in [0, 1{bound}, got {value!r}.")
+
+
+def positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def one_of(name: str, value: Any, options: Iterable[Any]) -> None:
+    options = tuple(options)
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}.")

@@ -1,0 +1,148 @@
+"""kfac_tn.KFAC: the preconditioned step against an explicit Kronecker solve."""
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_tn
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(4, 2, 2, stride=2, groups=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * 10 * 10, 5),
+    ).double()
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(6, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 5, (6,), generator=gen)
+
+
+@pytest.mark.parametrize("method", ["eigh", "cholesky"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("pi_damping", [False, True])
+def test_step_is_the_damped_kronecker_solve(method, approx, pi_damping):
+    model = _model()
+    X, y = _data()
+    lr, damping = 0.1, 1e-2
+    factors = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), X, y, approx=approx, fisher="empirical")
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in model.named_children() if n in factors}
+    opt = kfac_tn.KFAC(model, lr=lr, momentum=0.0, damping=damping, ema_decay=0.0, inverse_method=method,
+                       inverse_dtype=torch.float64, kfac_approx=approx, pi_damping=pi_damping)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    grads = {n: [p.grad.clone() for p in model.get_submodule(n).parameters()] for n in factors}
+    opt.step()
+    from kfac_tn.optim.weight_blocks import matrix_blocks
+
+    for name, (A, G) in factors.items():
+        module = model.get_submodule(name)
+        bias = grads[name][1] if module.bias is not None else None
+        V = matrix_blocks(module, grads[name][0], bias, False)
+        after = matrix_blocks(module, *[p.detach() for p in module.parameters()], False) if bias is not None else \
+            matrix_blocks(module, module.weight.detach(), None, False)
+        start = matrix_blocks(module, *before[name], False) if bias is not None else matrix_blocks(module, before[name][0], None, False)
+        for b in range(A.shape[0]):
+            pi = 1.0
+            if pi_damping and G[b].trace() > 0:  # a dead block (G = 0) keeps π = 1
+                pi = ((A[b].trace() / A.shape[-1]) / (G[b].trace() / G.shape[-1])).sqrt()
+            dA, dG = pi * damping**0.5, damping**0.5 / pi
+            curvature = torch.kron(G[b] + dG * torch.eye(G.shape[-1], dtype=A.dtype),
+                                   A[b] + dA * torch.eye(A.shape[-1], dtype=A.dtype))
+            expected = torch.linalg.solve(curvature, V[b].flatten()).reshape(V[b].shape)
+            torch.testing.assert_close((start[b] - after[b]) / lr, expected)
+
+
+def _train(model, opt, steps, data=None):
+    X, y = data or _data()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_trains_and_uses_stale_inverses_between_updates():
+    model = _model()
+    opt = kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=3, factor_update_freq=1)
+    losses = _train(model, opt, 8)
+    assert losses[-1] < 0.5 * losses[0]
+    Q = opt.kfac_state["0"]["Q_A"].clone()
+    _train(model, opt, 1)  # step 8: no inversion (8 % 3 != 0)
+    assert torch.equal(Q, opt.kfac_state["0"]["Q_A"])
+
+
+def test_state_dict_round_trip_and_lr_scheduler():
+    kwargs = dict(lr=0.05, damping=1e-2, inverse_update_freq=2)
+    m1 = _model()
+    o1 = kfac_tn.KFAC(m1, **kwargs)
+    s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=2, gamma=0.5)
+    for _ in range(5):
+        _train(m1, o1, 1)
+        s1.step()
+    m2 = _model()
+    o2 = kfac_tn.KFAC(m2, **kwargs)
+    s2 = torch.optim.lr_scheduler.StepLR(o2, step_size=2, gamma=0.5)
+    for _ in range(3):
+        _train(m2, o2, 1)
+        s2.step()
+    saved = (m2.state_dict(), o2.state_dict(), s2.state_dict())
+    m3 = _model()
+    m3.load_state_dict(saved[0])
+    o3 = kfac_tn.KFAC(m3, **kwargs)
+    o3.load_state_dict(saved[1])
+    s3 = torch.optim.lr_scheduler.StepLR(o3, step_size=2, gamma=0.5)
+    s3.load_state_dict(saved[2])
+    for _ in range(2):
+        _train(m3, o3, 1)
+        s3.step()
+    assert o3.param_groups[0]["lr"] == o1.param_groups[0]["lr"] == 0.05 * 0.25
+    for p1, p3 in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(p1, p3)
+    with pytest.raises(ValueError, match="other layers"):
+        kfac_tn.KFAC(nn.Sequential(nn.Linear(2, 2))).load_state_dict(o1.state_dict())
+
+
+def test_non_finite_gradients_skip_the_step():
+    model = _model()
+    opt = kfac_tn.KFAC(model)
+    X, y = _data()
+    _train(model, opt, 1, (X, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    A_before = opt.kfac_state["0"]["A"].clone()
+    X = X.clone()
+    X[0, 0, 0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="Non-finite gradients"):
+        _train(model, opt, 1, (X, y))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert torch.equal(A_before, opt.kfac_state["0"]["A"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-0.1), "lr must be"),
+        (dict(damping=-1.0), "damping must be"),
+        (dict(ema_decay=1.0), "ema_decay must"),
+        (dict(inverse_update_freq=0), "inverse_update_freq must"),
+        (dict(inverse_method="svd"), "inverse_method must"),
+        (dict(inverse_dtype=torch.float16), "inverse_dtype must"),
+        (dict(kfac_approx="diag"), "kfac_approx must"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kfac_tn.KFAC(_model(), **kwargs)
+
+
+def test_unsupported_layers_warn_and_wrappers_fail():
+    with pytest.warns(UserWarning, match="BatchNorm1d"):
+        kfac_tn.KFAC(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(TypeError, match="DataParallel"):
+        kfac_tn.KFAC(nn.DataParallel(_model()))
