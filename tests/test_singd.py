@@ -247,3 +247,55 @@ def test_non_finite_statistics_with_finite_gradients_leave_the_preconditioner_in
     with pytest.warns(UserWarning, match="Non-finite curvature statistics in layer '0'"):
         opt.step()
     assert torch.equal(K_before, opt.Ks[name][0].to_dense())
+
+
+def _same_as_stock(run, kwargs):
+    """Run ``run(model, optimizer)`` with stock singd and with kfac_tn; compare parameters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m1, m2 = _cnn(), _cnn()
+        run(m1, StockSINGD(m1, **kwargs(m1) if callable(kwargs) else kwargs))
+        run(m2, kfac_tn.SINGD(m2, **kwargs(m2) if callable(kwargs) else kwargs))
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_matches_stock():
+    X, y = _data((8, 3, 7, 7))
+
+    def run(model, opt):
+        for _ in range(3):
+            opt.zero_grad()
+            for Xb, yb in zip(X.chunk(2), y.chunk(2)):
+                nn.functional.cross_entropy(model(Xb), yb).backward()
+            opt.step()
+
+    _same_as_stock(run, dict(lr=0.1, lr_cov=0.1, T=1))
+
+
+def test_param_groups_match_stock():
+    X, y = _data((6, 3, 7, 7))
+
+    def kwargs(model):
+        convs = [p for m in model if isinstance(m, nn.Conv2d) for p in m.parameters()]
+        head = list(model[-1].parameters())
+        return dict(params=[{"params": convs, "lr": 0.05, "structures": ("diagonal", "dense")},
+                            {"params": head, "lr": 0.2, "T": 2}], lr_cov=0.1, T=1)
+
+    _same_as_stock(lambda m, o: _train(m, o, (X, y), 4), kwargs)
+
+
+def test_grad_scaler_and_bf16_autocast_match_stock():
+    X, y = _data((6, 3, 7, 7))
+
+    def run(model, opt):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(X), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    _same_as_stock(run, dict(lr=0.1, lr_cov=0.1, T=1, init_grad_scale=2.0**4))
