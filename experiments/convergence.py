@@ -1,0 +1,60 @@
+"""Convergence on scikit-learn's digits: SGD, stock SINGD, kfac_tn SINGD and KFAC.
+
+    python experiments/convergence.py [--configs c1.yaml c2.yaml ...] [--out results/convergence]
+
+Trains each config (see configs/train_small_cnn_*_digits.yaml), then draws train loss
+and test accuracy per epoch for all of them into ``<out>.png`` and writes the final
+metrics to ``<out>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.train import load_config, train  # noqa: E402
+
+DEFAULT = [ROOT / "configs" / f"train_small_cnn_{name}_digits.yaml" for name in ("sgd", "singd_stock", "singd_tn", "kfac_tn")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="*", default=[str(p) for p in DEFAULT])
+    parser.add_argument("--out", default="results/convergence")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every config")
+    args = parser.parse_args()
+    curves = {}
+    for path in args.configs:
+        config = load_config(path, args.overrides)
+        label = config["optimizer"]["name"]
+        curves[label] = train(config, progress=False)
+        last = curves[label][-1]
+        print(f"{label:12s} train loss {last['train_loss']:.3f}  test acc {last['test_acc']:.3f}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(curves, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, history in curves.items():
+        epochs = [h["epoch"] + 1 for h in history]
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label=label)
+        ax_acc.plot(epochs, [h["test_acc"] for h in history], marker="o", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log", title="digits: train loss")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="digits: test accuracy")
+    ax_loss.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Data sets for the experiments, none of which needs a download.
+
+- ``synthetic``: random CIFAR-shaped images and labels (the default; reproducible).
+- ``digits``: scikit-learn's 8×8 handwritten digits (1,797 images, shipped with the
+  package), upsampled to ``image_size`` and repeated over 3 channels; a real, small
+  data set to show convergence offline.
+- ``cifar10`` / ``cifar100``: the official "python version" folders (``data_batch_1``…
+  ``data_batch_5`` and ``test_batch``; or ``train`` and ``test``), read with pickle.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+DATASETS = ("synthetic", "digits", "cifar10", "cifar100")
+
+
+class DataError(ValueError):
+    """A data folder is missing or malformed."""
+
+
+def _synthetic(n_train: int, n_test: int, num_classes: int, image_size: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    n = n_train + n_test
+    X = torch.randn(n, 3, image_size, image_size, generator=gen)
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    return (X[:n_train], y[:n_train]), (X[n_train:], y[n_train:]), num_classes
+
+
+def _digits(image_size: int, seed: int):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - scikit-learn is in the experiments extra
+        raise DataError("The digits data set needs scikit-learn: pip install scikit-learn.") from err
+    digits = load_digits()
+    X = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    X = F.interpolate(X, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    X = ((X - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(digits.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    X, y = X[perm], y[perm]
+    n_test = len(y) // 5
+    return (X[n_test:], y[n_test:]), (X[:n_test], y[:n_test]), 10
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"CIFAR file {path} is missing.")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a malformed file
+        raise DataError(f"CIFAR file {path} is not a valid CIFAR python pickle: {err}") from err
+
+
+def _cifar_arrays(batch: dict, label_key: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    if "data" not in batch or label_key not in batch:
+        raise DataError(f"CIFAR file {path} lacks 'data' or {label_key!r}.")
+    data = torch.as_tensor(batch["data"])
+    if data.dim() != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"CIFAR file {path}: 'data' must be [N, 3072], got {tuple(data.shape)}.")
+    X = data.reshape(-1, 3, 32, 32).float() / 255.0
+    y = torch.as_tensor(batch[label_key], dtype=torch.long)
+    if len(y) != len(X):
+        raise DataError(f"CIFAR file {path}: {len(X)} images but {len(y)} labels.")
+    return X, y
+
+
+def _cifar(root: str | None, name: str):
+    if root is None:
+        raise DataError(f"Data set {name!r} needs data_dir: the folder of the CIFAR python version.")
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DataError(f"CIFAR folder {folder} does not exist.")
+    if name == "cifar10":
+        train_files, test_files, key, classes = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10
+    else:
+        train_files, test_files, key, classes = ["train"], ["test"], "fine_labels", 100
+    parts = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        arrays = [_cifar_arrays(_unpickle(folder / f), key, folder / f) for f in files]
+        parts[split] = (torch.cat([a[0] for a in arrays]), torch.cat([a[1] for a in arrays]))
+    mean = parts["train"][0].mean((0, 2, 3), keepdim=True)
+    std = parts["train"][0].std((0, 2, 3), keepdim=True)
+    norm = {k: ((X - mean) / std, y) for k, (X, y) in parts.items()}
+    return norm["train"], norm["test"], classes
+
+
+def load_data(
+    name: str,
+    data_dir: str | None = None,
+    image_size: int = 32,
+    num_classes: int = 10,
+    n_train: int = 512,
+    n_test: int = 128,
+    seed: int = 0,
+) -> tuple[TensorDataset, TensorDataset, int]:
+    """Train and test sets and the number of classes."""
+    if name == "synthetic":
+        train, test, classes = _synthetic(n_train, n_test, num_classes, image_size, seed)
+    elif name == "digits":
+        train, test, classes = _digits(image_size, seed)
+    elif name in ("cifar10", "cifar100"):
+        train, test, classes = _cifar(data_dir, name)
+    else:
+        raise DataError(f"Unknown data set {name!r}; available: {DATASETS}.")
+    return TensorDataset(*train), TensorDataset(*test), classes

@@ -1,0 +1,211 @@
+"""Train a registered model with SGD, stock SINGD, kfac_tn's SINGD or kfac_tn's KFAC.
+
+    python experiments/train.py --config configs/train_resnet18_singd_tn_synthetic.yaml [key=value ...] [--resume]
+
+Writes ``metrics.csv`` / ``metrics.json`` (one row per epoch) and ``last.pt`` (written
+atomically: temp file, then rename) to the config's ``output.dir``. ``--resume``
+continues from ``last.pt`` exactly: model, optimizer (with the preconditioner), RNG
+states and epoch. BatchNorm and other parameters without Kronecker factors are
+trained by a fallback SGD with the same lr/momentum/weight decay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from experiments.config import ConfigError, apply_overrides, check_keys, load_yaml  # noqa: E402
+from experiments.data import DATASETS, DataError, load_data  # noqa: E402
+from experiments.models import MODELS, build_model  # noqa: E402
+from experiments.optimizers import OPTIMIZERS, build_optimizer  # noqa: E402
+
+TOP = {"model": str, "data": dict, "optimizer": dict, "training": dict, "output": dict}
+DATA = {"name": str, "data_dir": str, "image_size": int, "num_classes": int, "n_train": int, "n_test": int}
+TRAINING = {"epochs": int, "batch_size": int, "seed": int, "device": str, "amp": bool,
+            "max_steps_per_epoch": int, "threads": int}
+OUTPUT = {"dir": str}
+OPTIMIZER = {"name": str, "lr": (int, float), "momentum": (int, float), "damping": (int, float),
+             "alpha1": (int, float), "weight_decay": (int, float), "T": int, "loss_average": str,
+             "lr_cov": (int, float), "structures": list, "kfac_approx": str, "kfac_like": bool,
+             "normalize_lr_cov": bool, "grouped_conv": str, "natural_gradient_cache": str,
+             "init_grad_scale": (int, float), "ema_decay": (int, float), "pi_damping": bool,
+             "factor_update_freq": int, "inverse_update_freq": int, "inverse_method": str}
+
+
+def load_config(path: str, overrides: list[str]) -> dict:
+    """Load, override and validate a training config (errors name the key/value)."""
+    config = apply_overrides(load_yaml(path), overrides)
+    check_keys(config, TOP, "config")
+    for key in ("model", "optimizer"):
+        if key not in config:
+            raise ConfigError(f"config.{key} is required.")
+    if config["model"] not in MODELS:
+        raise ConfigError(f"config.model {config['model']!r} is unknown; available: {sorted(MODELS)}.")
+    data, training, opt = config.setdefault("data", {}), config.setdefault("training", {}), config["optimizer"]
+    config.setdefault("output", {})
+    check_keys(data, DATA, "config.data")
+    check_keys(training, TRAINING, "config.training")
+    check_keys(config["output"], OUTPUT, "config.output")
+    check_keys(opt, OPTIMIZER, "config.optimizer")
+    if data.get("name", "synthetic") not in DATASETS:
+        raise ConfigError(f"config.data.name {data['name']!r} is unknown; available: {DATASETS}.")
+    if opt.get("name") not in OPTIMIZERS:
+        raise ConfigError(f"config.optimizer.name {opt.get('name')!r} is unknown; available: {OPTIMIZERS}.")
+    for key in ("epochs", "batch_size"):
+        if training.get(key, 1) < 1:
+            raise ConfigError(f"config.training.{key} must be >= 1, got {training[key]}.")
+    return config
+
+
+def _device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomically(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _evaluate(model, loader, device) -> tuple[float, float]:
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    with torch.no_grad():
+        for X, y in loader:
+            X, y = X.to(device), y.to(device)
+            out = model(X)
+            loss_sum += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            total += len(y)
+    model.train()
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
+def train(config: dict, resume: bool = False, progress: bool = True) -> list[dict]:
+    """Run the training described by ``config``; returns the per-epoch metrics."""
+    from tqdm import tqdm
+
+    training, data_cfg, opt_cfg = config["training"], config["data"], dict(config["optimizer"])
+    out_dir = Path(config["output"].get("dir", "results/train"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(training.get("threads", torch.get_num_threads()))
+    seed = training.get("seed", 0)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    device = _device(training.get("device"))
+    train_set, test_set, classes = load_data(
+        data_cfg.get("name", "synthetic"), data_cfg.get("data_dir"), data_cfg.get("image_size", 32),
+        data_cfg.get("num_classes", 10), data_cfg.get("n_train", 512), data_cfg.get("n_test", 128), seed,
+    )
+    model = build_model(config["model"], num_classes=classes).to(device)
+    name = opt_cfg.pop("name")
+    optimizer = build_optimizer(model, name, **opt_cfg)
+    amp = training.get("amp", False)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    batch_size = training.get("batch_size", 32)
+    test_loader = DataLoader(test_set, batch_size=256)
+    checkpoint = out_dir / "last.pt"
+    history: list[dict] = []
+    start_epoch = 0
+    if resume:
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}.")
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+    max_steps = training.get("max_steps_per_epoch")
+    for epoch in range(start_epoch, training.get("epochs", 1)):
+        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed + epoch))
+        steps = min(len(loader), max_steps) if max_steps else len(loader)
+        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+        for step, (X, y) in enumerate(bar):
+            if step >= steps:
+                break
+            X, y = X.to(device), y.to(device)
+            optimizer.zero_grad()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                out = model(X)
+                loss = torch.nn.functional.cross_entropy(out, y)
+            scaler.scale(loss).backward()
+            for opt in optimizer.optimizers:
+                scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", s_per_step=f"{elapsed / (step + 1):.2f}")
+        test_loss, test_acc = _evaluate(model, test_loader, device)
+        history.append({
+            "epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "test_loss": test_loss, "test_acc": test_acc,
+            "seconds_per_step": (time.perf_counter() - start) / max(steps, 1),
+        })
+        _write_metrics(history, out_dir)
+        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,
+                         "history": history, "config": config}, checkpoint)
+        if progress:
+            print(json.dumps(history[-1]), flush=True)
+    return history
+
+
+def _write_metrics(history: list[dict], out_dir: Path) -> None:
+    (out_dir / "metrics.json").write_text(json.dumps(history, indent=1))
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from output.dir/last.pt")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.epochs=3")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config, args.overrides)
+        train(config, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, DataError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

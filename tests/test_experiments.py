@@ -1,0 +1,113 @@
+"""End-to-end checks of the experiment scripts on tiny models and data."""
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.compare import load_config as load_compare_config
+from experiments.config import ConfigError
+from experiments.data import DataError, load_data
+from experiments.train import load_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path, optimizer, **extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: small_cnn\n"
+        "data: {name: synthetic, n_train: 48, n_test: 16, image_size: 8}\n"
+        f"optimizer: {{name: {optimizer}, lr: 0.01, momentum: 0.9}}\n"
+        "training: {epochs: 2, batch_size: 16, seed: 0, device: cpu}\n"
+        f"output: {{dir: {tmp_path / 'out'}}}\n"
+    )
+    return load_config(str(path), [f"{k}={v}" for k, v in extra.items()])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "singd_stock", "singd_tn", "kfac_tn"])
+def test_train_runs_and_writes_metrics(tmp_path, optimizer):
+    history = train(_config(tmp_path, optimizer, **{"optimizer.T": 1} if "singd" in optimizer else {}), progress=False)
+    assert len(history) == 2 and all(np.isfinite(h["train_loss"]) for h in history)
+    out = tmp_path / "out"
+    assert (out / "metrics.csv").is_file() and (out / "metrics.json").is_file() and (out / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("optimizer", ["singd_tn", "kfac_tn"])
+def test_resume_continues_exactly(tmp_path, optimizer):
+    straight = train(_config(tmp_path / "a", optimizer), progress=False)
+    train(_config(tmp_path / "b", optimizer, **{"training.epochs": 1}), progress=False)
+    resumed = train(_config(tmp_path / "b", optimizer), resume=True, progress=False)
+    assert resumed[-1]["train_loss"] == straight[-1]["train_loss"]
+    a = torch.load(tmp_path / "a" / "out" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "out" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optimizer.betas=1", "Unknown key 'betas' in config.optimizer"),
+        ("model=resnet50", "config.model 'resnet50' is unknown"),
+        ("data.name=imagenet", "config.data.name 'imagenet' is unknown"),
+        ("training.epochs=0", "epochs must be >= 1"),
+        ("optimizer.lr=fast", "config.optimizer.lr = 'fast' has the wrong type"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        _config(tmp_path, "sgd", **dict([override.split("=")]))
+
+
+def test_cifar_folder_reading_and_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_data("cifar10", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="needs data_dir"):
+        load_data("cifar10")
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, 4))}
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    train_set, test_set, classes = load_data("cifar10", str(tmp_path))
+    assert classes == 10 and len(train_set) == 20 and len(test_set) == 4
+    assert train_set[0][0].shape == (3, 32, 32)
+    (tmp_path / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="not a valid CIFAR python pickle"):
+        load_data("cifar10", str(tmp_path))
+
+
+def test_digits_data_ships_with_scikit_learn():
+    train_set, test_set, classes = load_data("digits", image_size=16)
+    assert classes == 10 and len(train_set) + len(test_set) == 1797
+    assert train_set[0][0].shape == (3, 16, 16)
+
+
+def test_compare_runs_in_fresh_processes(tmp_path):
+    config = tmp_path / "compare.yaml"
+    config.write_text(
+        "models: [small_cnn]\nbatch_size: 4\nwarmup: 1\nsteps: 2\n"
+        "common: {lr: 0.01}\n"
+        "runs:\n  - {optimizer: sgd}\n  - {optimizer: singd_tn, T: 1, structures: [diagonal, dense]}\n"
+    )
+    out = tmp_path / "res"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "compare.py"), "--config", str(config), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| small_cnn | singd_tn" in proc.stdout
+    assert out.with_suffix(".csv").is_file() and out.with_suffix(".png").is_file()
+
+
+def test_compare_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [resnet18]\nruns:\n  - {optimizer: adam}\n")
+    with pytest.raises(ConfigError, match="optimizer 'adam' is unknown"):
+        load_compare_config(str(bad), [])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_compare_config(str(tmp_path / "none.yaml"), [])
