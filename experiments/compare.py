@@ -34,7 +34,7 @@ TOP_KEYS = {
     "out": str,
 }
 RUN_KEYS = {
-    "optimizer": str, "label": str, "lr": (int, float), "momentum": (int, float),
+    "optimizer": str, "label": str, "steps": int, "lr": (int, float), "momentum": (int, float),
     "damping": (int, float), "alpha1": (int, float), "weight_decay": (int, float), "T": int,
     "loss_average": str, "lr_cov": (int, float), "structures": list, "kfac_approx": str,
     "kfac_like": bool, "normalize_lr_cov": bool, "grouped_conv": str, "natural_gradient_cache": str,
@@ -104,7 +104,7 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
     model = build_model(model_name, num_classes=classes).to(device)
     X = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
-    hyper = {**config.get("common", {}), **{k: v for k, v in run.items() if k not in ("optimizer", "label")}}
+    hyper = {**config.get("common", {}), **{k: v for k, v in run.items() if k not in ("optimizer", "label", "steps")}}
     if run["optimizer"] == "sgd":
         hyper = {k: v for k, v in hyper.items() if k in ("lr", "momentum", "weight_decay")}
     if run["optimizer"] == "singd_stock":
@@ -131,7 +131,7 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     times = []
-    for _ in range(config.get("steps", 10)):
+    for _ in range(run.get("steps", config.get("steps", 10))):
         start = time.perf_counter()
         step()
         if device.type == "cuda":

@@ -60,6 +60,20 @@ def _conv_setup(layer: nn.Module, x: Tensor, group_average: bool) -> tuple[Tenso
     return x, dims, G
 
 
+def _averaged_unfold_of_square(x: Tensor, dims: tuple[ConvDim, ...], chunk_bytes: int = 2**20) -> Tensor:
+    """``Σ_n ū(x²)[n]`` ``[G·C·K..]``, squaring batch chunks into one small reused buffer."""
+    per_sample = x[0].numel() * x.element_size()
+    chunk = max(1, min(x.shape[0], chunk_bytes // max(per_sample, 1)))
+    buffer = x.new_empty((chunk,) + tuple(x.shape[1:]))
+    total = None
+    for start in range(0, x.shape[0], chunk):
+        part = x[start : start + chunk]
+        square = torch.mul(part, part, out=buffer[: part.shape[0]])
+        summed = averaged_unfold(square, dims).sum(0)
+        total = summed if total is None else total.add_(summed)
+    return total.flatten()
+
+
 def _validate(layer: nn.Module, approx: str) -> None:
     check_layer(layer)
     check_approx(approx)
@@ -149,7 +163,7 @@ def input_factor_diagonal(
         x, dims, G = _conv_setup(layer, x, group_average)
         N = x.shape[0]
         if approx == "expand":
-            diag = averaged_unfold(x * x, dims).reshape(N, G, -1).mean(0)
+            diag = _averaged_unfold_of_square(x, dims).reshape(G, -1).div_(N)
         else:
             diag = (averaged_unfold(x, dims).reshape(N, G, -1) ** 2).mean(0)
     return _append_ones(diag) if bias else diag

@@ -19,11 +19,13 @@ from typing import Any, Callable, Iterable
 from warnings import warn
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
+from kfac_tn.optim.distributed import all_reduce_flat, is_distributed
 from kfac_tn.optim.validation import in_unit_interval, non_negative, one_of, positive_int
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks
 
@@ -144,6 +146,18 @@ class KFAC(torch.optim.Optimizer):
         pending["G"] = pending["G"] + G
         pending["count"] += 1
 
+    def _all_reduce_pending(self) -> None:
+        """Average A (an average) and G (summed for a summed loss) over ranks, one bucket each."""
+        names = sorted(self._pending)
+        counts = {n: self._pending[n]["count"] for n in names}
+        for key, op in (("A", dist.ReduceOp.AVG), ("G", dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)):
+            tensors = [self._pending[n][key] / counts[n] for n in names]
+            all_reduce_flat(tensors, op)
+            for n, t in zip(names, tensors):
+                self._pending[n][key] = t
+        for n in names:
+            self._pending[n]["count"] = 1
+
     def _absorb_statistics(self) -> None:
         for name, pending in self._pending.items():
             A, G = pending["A"] / pending["count"], pending["G"] / pending["count"]
@@ -216,6 +230,11 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if is_distributed():
+            # every rank averages (or sums, for a summed loss) its gradients and statistics,
+            # so all ranks apply the same update as one process on the concatenated batch
+            all_reduce_flat(grads, dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)
+            self._all_reduce_pending()
         if grads and not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
             warn(f"Non-finite gradients at step {self.steps}; skipping the step (state unchanged).")
             self._pending = {}

@@ -9,7 +9,6 @@ smaller, and adds them into the update's buffer one layer at a time.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 
@@ -59,9 +58,3 @@ class SymmetricSum:
     def is_finite(self) -> bool:
         parts = self.factors + ([self.dense] if self.dense is not None else [])
         return all(bool(torch.isfinite(t.sum())) for t in parts)
-
-    def all_reduce(self, op=dist.ReduceOp.AVG) -> None:
-        """Sum/average over processes (factors of different ranks cannot be summed: densify)."""
-        self.dense = self.to_dense()
-        self.factors = []
-        dist.all_reduce(self.dense, op=op)

@@ -47,6 +47,7 @@ from kfac_tn.factors import (
     input_rows,
 )
 from kfac_tn.factors.layers import num_positions
+from kfac_tn.optim.distributed import all_reduce_flat, is_distributed
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.structured_products import (
     inner_with,
@@ -207,10 +208,12 @@ class SINGD(StockSINGD):
             g = g / sqrt(prev_grad_scale)
         H_K = self._H_K(module, a, self.Ks[name], kfac_approx)
         H_C = self._H_C(module, g, self.Cs[name], kfac_approx, loss_average)
-        if dist.is_initialized():
-            op = dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM
-            for H in H_K + H_C:
-                H.all_reduce(op=op)
+        if is_distributed():
+            # factors of different ranks cannot be summed: densify, then one bucket per layer
+            H_K = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_K]
+            H_C = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_C]
+            tensors = [t for H in H_K + H_C for t in _tensors(H)]
+            all_reduce_flat(tensors, dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM)
         if name in self.H_Ks:
             for acc, new in zip(self.H_Ks[name], H_K):
                 acc.add_(new)
@@ -324,10 +327,9 @@ class SINGD(StockSINGD):
             nat = nat.to(dtype_C) if dtype_C is not None else nat
             nat = CCT @ nat if CCT is not None else C @ C.rmatmat(nat)
             out.append(nat.to(grad.dtype))
-        if dist.is_initialized():
-            op = dist.ReduceOp.AVG if self._get_param_group_entry(module, "loss_average") else dist.ReduceOp.SUM
-            for nat in out:
-                dist.all_reduce(nat, op=op)
+        if is_distributed():
+            loss_average = self._get_param_group_entry(module, "loss_average")
+            all_reduce_flat(out, dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM)
         return from_matrix_blocks(module, out, has_bias)
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> None:
@@ -430,6 +432,13 @@ def _riemannian_step(
         beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
     M.add_(M @ new_m, alpha=-beta)
     return new_m
+
+
+def _tensors(H) -> list[Tensor]:
+    """The tensors that hold statistics ``H`` (structured matrix or dense SymmetricSum)."""
+    if isinstance(H, SymmetricSum):
+        return [H.dense]
+    return [t for _, t in H.named_tensors()]
 
 
 def _diagonal(M: DiagonalMatrix) -> Tensor:

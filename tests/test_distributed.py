@@ -1,0 +1,74 @@
+"""Data parallelism with torch.distributed (gloo, CPU, 2 processes launched by the test).
+
+After k steps every rank holds the same parameters, equal to one process that saw the
+concatenated batch.
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import kfac_tn
+
+WORLD = 2
+STEPS = 3
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 10 * 10, 5),
+    )
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 5, 5, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+
+
+def _optimizer(name, model):
+    if name == "kfac":
+        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2)
+    structures = {"singd_dense": ("dense", "dense"), "singd_diag": ("diagonal", "dense")}[name]
+    return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=structures, kfac_approx="reduce")
+
+
+def _train(model, opt, X, y):
+    for _ in range(STEPS):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _worker(rank, name, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        X, y = _data()
+        shard = slice(rank * 4, (rank + 1) * 4)
+        model = _model()
+        params = _train(model, _optimizer(name, model), X[shard], y[shard])
+        torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "kfac"])
+def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        mp.start_processes(_worker, args=(name, init_file, out_dir), nprocs=WORLD, start_method="spawn")
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    assert torch.equal(ranks[0], ranks[1])
+    model = _model()
+    X, y = _data()
+    single = _train(model, _optimizer(name, model), X, y)
+    torch.testing.assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
