@@ -150,6 +150,57 @@ def _copy_into(workspace: Tensor, view: Tensor) -> Tensor:
     return out
 
 
+def _flat_gram(x_cl: Tensor, key, box, out: Tensor) -> bool:
+    """Gram of a box without copying it, if possible; returns whether it was done.
+
+    With the last two spatial axes flattened (channels-last input), a box of stride-1
+    rows is one contiguous run per sample from its first to its last element, and so
+    is its shifted partner: one batched GEMM on strided views. The run also covers the
+    columns between the box's rows; their (thin) contribution is subtracted. Needs one
+    group, step 1 in the last two axes, a box at least half as wide as the input, and
+    runs of at least 4·C rows (else the per-sample C × C products cost more than copies).
+    """
+    n_dims = len(key)
+    if any(s != 1 for _, s, _ in key[-2:]):
+        return False
+    C = x_cl.shape[-1]
+    base = x_cl.storage_offset()
+    sample = x_cl.stride(0)
+    leading = [range(a, b) for a, b in box[:-2]] if n_dims > 1 else [range(1)]
+    if n_dims == 1:
+        (_, _, delta), (a, b) = key[0], box[0]
+        if b - a < 4 * C:
+            return False
+        u = x_cl.as_strided((x_cl.shape[0], b - a, C), (sample, C, 1), base + a * C)
+        v = x_cl.as_strided((x_cl.shape[0], b - a, C), (sample, C, 1), base + (a + delta) * C)
+        out.copy_(torch.bmm(u.transpose(1, 2), v).sum(0))
+        return True
+    W = x_cl.shape[-2]
+    (a1, b1), (a2, b2) = box[-2:]
+    shift = key[-2][2] * W + key[-1][2]
+    first, length = a1 * W + a2, (b1 - 1 - a1) * W + (b2 - a2)
+    if 2 * (b2 - a2) < W or length < 4 * C:
+        return False
+    run, rows = W - (b2 - a2), b1 - 1 - a1
+    out.zero_()
+    for ms in product(*leading):
+        off_u = off_v = base
+        for j, m in enumerate(ms):
+            r, s, delta = key[j]
+            off_u += (r + s * m) * x_cl.stride(1 + j)
+            off_v += (r + s * m + delta) * x_cl.stride(1 + j)
+        u = x_cl.as_strided((x_cl.shape[0], length, C), (sample, C, 1), off_u + first * C)
+        v = x_cl.as_strided((x_cl.shape[0], length, C), (sample, C, 1), off_v + (first + shift) * C)
+        out.add_(torch.bmm(u.transpose(1, 2), v).sum(0))
+        if run and rows:
+            start = a1 * W + b2
+            shape, strides = (x_cl.shape[0], rows, run, C), (sample, W * C, C, 1)
+            uc = x_cl.as_strided(shape, strides, off_u + start * C).reshape(-1, C)
+            vc = x_cl.as_strided(shape, strides, off_v + (start + shift) * C).reshape(-1, C)
+            out.sub_(uc.T @ vc)
+    return True
+
+
 def shift_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**24) -> Tensor:
     """KFAC-expand input factor, shape ``[G, C·K.., C·K..]`` with C channels per group.
 
@@ -188,6 +239,8 @@ def shift_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_by
         for group in plan:
             grams = gram_buffer[: len(group.boxes)]
             for b, box in enumerate(group.boxes):
+                if groups == 1 and _flat_gram(x_chunk, group.key, box, grams[b, 0]):
+                    continue
                 u = _copy_into(work_u, _box_view(x_chunk, group.key, box, False)).reshape(-1, groups, C)
                 v = _copy_into(work_v, _box_view(x_chunk, group.key, box, True)).reshape(-1, groups, C)
                 if groups == 1:
