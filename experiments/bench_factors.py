@@ -14,7 +14,6 @@ Prints a table and writes ``<out>.csv`` and ``<out>.json``. Uses CUDA when prese
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from experiments.reporting import write_rows  # noqa: E402
 
 # name -> (in, out, kernel, stride, padding, groups, input shape)
 CASES = {
@@ -136,12 +137,7 @@ def _report(rows: list[dict], out: Path) -> None:
         ref = by_key.get((r["case"], r["approx"], "unfold"))
         r["speedup_vs_unfold"] = ref["ms"] / r["ms"] if ref else None
         r["memory_vs_unfold"] = r["extra_mib"] / ref["extra_mib"] if ref and ref["extra_mib"] > 0 else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_rows(rows, out)
     print("\n| case | approx | impl | ms | extra MiB | speed-up vs unfold | memory vs unfold |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -14,7 +14,6 @@ and a bar chart ``<out>.png``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.config import ConfigError, apply_overrides, check_keys, load_yaml  # noqa: E402
+from experiments.reporting import write_rows  # noqa: E402
 
 TOP_KEYS = {
     "models": list, "batch_size": int, "image_size": int, "num_classes": int, "warmup": int,
@@ -171,12 +171,7 @@ def report(rows: list[dict], out: Path) -> None:
         r["time_ratio"] = r["mean_s"] / ref["mean_s"] if ref else None
         r["memory_ratio"] = r["peak_extra_mib"] / ref["peak_extra_mib"] if ref and ref["peak_extra_mib"] > 0 else None
         r["extra_over_sgd_mib"] = r["peak_extra_mib"] - ref["peak_extra_mib"] if ref else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_rows(rows, out)
     print("\n| net | optimizer | median [s] | per-iteration (mean) [s] | peak extra memory [MiB] | above SGD [MiB] | state [MiB] |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -54,7 +54,7 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a malformed file
+    except Exception as err:
         raise DataError(f"CIFAR file {path} is not a valid CIFAR python pickle: {err}") from err
 
 

@@ -1,7 +1,7 @@
 """kfac_tn: KFAC and SINGD for CNNs with tensor-network Kronecker factors."""
 
-from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
 from kfac_tn.curvature import kfac_factors
+from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
 from kfac_tn.optim import KFAC, SINGD
 
 __all__ = ["KFAC", "SINGD", "SUPPORTED_LAYERS", "grad_output_factor", "input_factor", "kfac_factors"]

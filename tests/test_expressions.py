@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conv_cases import TRANSPOSED, conv_layers, reference_input_factor, reference_unfold
 from hypothesis import given, settings
 
-from conv_cases import TRANSPOSED, conv_layers, reference_input_factor, reference_unfold
 from kfac_tn.factors.layers import conv_input
-from kfac_tn.tensor_network import conv_dims, contract, expressions, simplify
+from kfac_tn.tensor_network import contract, conv_dims, expressions, simplify
 
 
 def _setup(layer, x):

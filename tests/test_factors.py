@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conv_cases import conv_layers, reference_input_factor
 from curvlinops import KFACLinearOperator
 from curvlinops.kfac import FisherType, KFACType
 from hypothesis import given, settings
 from torch import nn
 
 import kfac_tn
-from conv_cases import conv_layers, reference_input_factor
 
 
 @given(conv_layers(), __import__("hypothesis").strategies.sampled_from(["expand", "reduce"]))

@@ -10,7 +10,7 @@ mode, or when ``is_due`` says no; nothing is kept after the callback ran.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

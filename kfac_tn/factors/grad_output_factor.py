@@ -24,6 +24,14 @@ def _scale(loss_average: str | None, batch: int, positions: int) -> float:
     return {None: 1.0, "batch": float(batch), "batch+sequence": float(batch * positions)}[loss_average]
 
 
+def _per_position(layer: nn.Module, grad_output: Tensor) -> Tensor:
+    """``[B, P, D_total]`` view: batch, weight-sharing positions, output channels."""
+    B = grad_output.shape[0]
+    if isinstance(layer, nn.Linear):
+        return grad_output.reshape(B, -1, grad_output.shape[-1])
+    return grad_output.flatten(2).transpose(1, 2)
+
+
 def grad_output_rows(
     layer: nn.Module,
     grad_output: Tensor,
@@ -39,13 +47,9 @@ def grad_output_rows(
     one block (singd's convention for grouped convolutions).
     """
     _check(layer, grad_output, approx, loss_average)
-    B = grad_output.shape[0]
     G = 1 if group_average else layer_groups(layer)
-    if isinstance(layer, nn.Linear):
-        g = grad_output.reshape(B, -1, grad_output.shape[-1])  # [B, P, D]
-    else:
-        g = grad_output.flatten(2).transpose(1, 2)  # [B, P, G·D]
-    scale = _scale(loss_average, B, g.shape[1])
+    g = _per_position(layer, grad_output)  # [B, P, G·D]
+    scale = _scale(loss_average, g.shape[0], g.shape[1])
     if approx == "reduce":
         g = g.sum(1, keepdim=True)
     g = g.flatten(0, 1).unflatten(1, (G, -1)).transpose(0, 1)  # [G, R, D]
@@ -88,18 +92,11 @@ def grad_output_factor_diagonal(
 ) -> Tensor:
     """``diag(G)`` of :func:`grad_output_factor`, ``[G, D]``, by reductions only (no copies)."""
     _check(layer, grad_output, approx, loss_average)
-    B = grad_output.shape[0]
     G = 1 if group_average else layer_groups(layer)
-    if isinstance(layer, nn.Linear):
-        g = grad_output.reshape(B, -1, grad_output.shape[-1])  # [B, P, D]
-        channel_dim, position_dim = 2, 1
-    else:
-        g = grad_output.flatten(2)  # [B, D, P]
-        channel_dim, position_dim = 1, 2
-    scale = _scale(loss_average, B, g.shape[position_dim])
+    g = _per_position(layer, grad_output)  # [B, P, G·D]
+    scale = _scale(loss_average, g.shape[0], g.shape[1])
     if approx == "reduce":
-        diag = g.sum(position_dim).square().sum(0)
+        diag = g.sum(1).square().sum(0)
     else:
-        other = tuple(d for d in range(3) if d != channel_dim)
-        diag = torch.linalg.vector_norm(g, dim=other).square()
+        diag = torch.linalg.vector_norm(g, dim=(0, 1)).square()
     return diag.mul_(scale).reshape(G, -1)

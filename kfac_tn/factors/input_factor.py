@@ -38,6 +38,14 @@ def _append_ones(rows: Tensor, value: float = 1.0) -> Tensor:
     return torch.cat([rows, rows.new_full(rows.shape[:-1] + (1,), value)], dim=-1)
 
 
+def _linear_rows(layer: nn.Linear, x: Tensor, approx: str) -> Tensor:
+    """``[R, d_in]``: every position (expand) or the mean over positions (reduce)."""
+    rows = _linear_input(layer, x)
+    if approx == "reduce":
+        rows = rows.mean(1, keepdim=True)
+    return rows.flatten(0, 1)
+
+
 def _linear_input(layer: nn.Linear, x: Tensor) -> Tensor:
     if x.dim() < 2 or x.shape[-1] != layer.in_features:
         raise ValueError(
@@ -102,10 +110,7 @@ def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand", group_aver
     _validate(layer, approx)
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
-        rows = _linear_input(layer, x)
-        if approx == "reduce":
-            rows = rows.mean(1, keepdim=True)
-        rows = rows.flatten(0, 1)
+        rows = _linear_rows(layer, x, approx)
         core = (rows.T @ rows).div_(rows.shape[0]).unsqueeze(0)
         return _with_bias(core, rows.mean(0).unsqueeze(0)) if bias else core
     x, dims, G = _conv_setup(layer, x, group_average)
@@ -130,10 +135,7 @@ def input_rows(layer: nn.Module, x: Tensor, approx: str = "expand", group_averag
     _validate(layer, approx)
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
-        rows = _linear_input(layer, x)
-        if approx == "reduce":
-            rows = rows.mean(1, keepdim=True)
-        rows = rows.flatten(0, 1).unsqueeze(0)
+        rows = _linear_rows(layer, x, approx).unsqueeze(0)
     else:
         x, dims, G = _conv_setup(layer, x, group_average)
         if approx == "reduce":

@@ -15,18 +15,24 @@ mean of their factors; each pass's loss should be the average over its own micro
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from warnings import warn
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
 from kfac_tn.optim.distributed import all_reduce_flat, is_distributed
-from kfac_tn.optim.validation import in_unit_interval, non_negative, one_of, positive_int
+from kfac_tn.optim.validation import (
+    in_unit_interval,
+    non_negative,
+    one_of,
+    positive_int,
+    reject_wrappers,
+)
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks
 
 INVERSE_METHODS = ("eigh", "cholesky")
@@ -74,7 +80,7 @@ class KFAC(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        params: None | Iterable[nn.Parameter] | list[dict[str, Any]] = None,
+        params: Iterable[nn.Parameter] | list[dict[str, Any]] | None = None,
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
@@ -90,8 +96,7 @@ class KFAC(torch.optim.Optimizer):
         grouped_conv: str = "exact",
         warn_unsupported: bool = True,
     ) -> None:
-        if isinstance(model, (DataParallel, DistributedDataParallel)):
-            raise TypeError("DataParallel/DistributedDataParallel wrappers are not supported: pass the unwrapped model.")
+        reject_wrappers(model)
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("damping", damping)):
             non_negative(name, value)
         in_unit_interval("ema_decay", ema_decay)
@@ -109,7 +114,7 @@ class KFAC(torch.optim.Optimizer):
                 for name, m in model.named_modules():
                     own = [p for p in m.parameters(recurse=False) if p.requires_grad]
                     if own and not isinstance(m, SUPPORTED_LAYERS):
-                        warn(f"Layer {name!r} ({type(m).__name__}) is not supported: its parameters are not trained.")
+                        warn(f"Layer {name!r} ({type(m).__name__}) is not supported: its parameters are not trained.", stacklevel=2)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -162,7 +167,7 @@ class KFAC(torch.optim.Optimizer):
         for name, pending in self._pending.items():
             A, G = pending["A"] / pending["count"], pending["G"] / pending["count"]
             if not (torch.isfinite(A.sum()) and torch.isfinite(G.sum())):
-                warn(f"Non-finite KFAC factors in layer {name!r} at step {self.steps}; they are not used.")
+                warn(f"Non-finite KFAC factors in layer {name!r} at step {self.steps}; they are not used.", stacklevel=2)
                 continue
             state = self.kfac_state[name]
             if "A" in state:
@@ -236,7 +241,7 @@ class KFAC(torch.optim.Optimizer):
             all_reduce_flat(grads, dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)
             self._all_reduce_pending()
         if grads and not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
-            warn(f"Non-finite gradients at step {self.steps}; skipping the step (state unchanged).")
+            warn(f"Non-finite gradients at step {self.steps}; skipping the step (state unchanged).", stacklevel=2)
             self._pending = {}
             self.steps += 1
             return loss

@@ -23,7 +23,7 @@ class SymmetricSum:
     def dim(self) -> int:
         return self.dense.shape[0] if self.dense is not None else self.factors[0].shape[0]
 
-    def add_(self, other: "SymmetricSum") -> "SymmetricSum":
+    def add_(self, other: SymmetricSum) -> SymmetricSum:
         self.factors.extend(other.factors)
         if other.dense is not None:
             self.dense = other.dense.clone() if self.dense is None else self.dense.add_(other.dense)

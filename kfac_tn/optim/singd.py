@@ -24,8 +24,9 @@ reuses its structured matrices). What differs:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from math import sqrt
-from typing import Any, Callable, Iterable
+from typing import Any
 from warnings import warn
 
 import torch
@@ -35,7 +36,6 @@ from singd.structures.base import StructuredMatrix
 from singd.structures.dense import DenseMatrix
 from singd.structures.diagonal import DiagonalMatrix
 from torch import Tensor, nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import (
@@ -56,7 +56,13 @@ from kfac_tn.optim.structured_products import (
     sandwich,
     symmetric_addmm_,
 )
-from kfac_tn.optim.validation import in_unit_interval, non_negative, one_of, positive_int
+from kfac_tn.optim.validation import (
+    in_unit_interval,
+    non_negative,
+    one_of,
+    positive_int,
+    reject_wrappers,
+)
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks, num_blocks
 
 GROUPED_CONV = ("exact", "average")
@@ -84,14 +90,14 @@ class SINGD(StockSINGD):
     def __init__(
         self,
         model: nn.Module,
-        params: None | Iterable[nn.Parameter] | list[dict[str, Any]] = None,
+        params: Iterable[nn.Parameter] | list[dict[str, Any]] | None = None,
         lr: float = 0.001,
         momentum: float = 0.9,
         damping: float = 0.001,
         alpha1: float = 0.5,
         weight_decay: float = 0.0,
         T: int = 10,
-        loss_average: None | str = "batch",
+        loss_average: str | None = "batch",
         lr_cov: float | Callable[[int], float] = 1e-2,
         structures: tuple[str, str] = ("dense", "dense"),
         kfac_approx: str = "expand",
@@ -103,11 +109,7 @@ class SINGD(StockSINGD):
         grouped_conv: str = "exact",
         natural_gradient_cache: str = "memory",
     ):
-        if isinstance(model, (DataParallel, DistributedDataParallel)):
-            raise TypeError(
-                "DataParallel and DistributedDataParallel wrappers are not supported: pass the "
-                "unwrapped model (every process holds a replica; statistics are all-reduced)."
-            )
+        reject_wrappers(model)
         _validate_hyperparameters(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
             T=T, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
@@ -233,14 +235,12 @@ class SINGD(StockSINGD):
             warn(
                 f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
                 "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
-                "is left unchanged."
-            )
+                "is left unchanged.", stacklevel=2)
             return
         if not all(_is_finite(H) for H in H_Ks + H_Cs):
             warn(
                 f"Non-finite curvature statistics in layer {name!r} at step {self.steps}; skipping "
-                "its pre-conditioner update (K, C and their momenta are unchanged)."
-            )
+                "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
             return
         prev_grad_scale = self._get_grad_scale(self.steps - 1)
         grad_unscaling = prev_grad_scale / self._get_grad_scale(self.steps) ** 2

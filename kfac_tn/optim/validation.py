@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from numbers import Real
-from typing import Any, Iterable
+from typing import Any
 
 
 def non_negative(name: str, value: Any) -> None:
@@ -30,3 +31,15 @@ def one_of(name: str, value: Any, options: Iterable[Any]) -> None:
     options = tuple(options)
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}.")
+
+
+def reject_wrappers(model: Any) -> None:
+    """TypeError for DataParallel/DistributedDataParallel: hooks need the plain model."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DataParallel, DistributedDataParallel)):
+        raise TypeError(
+            "DataParallel and DistributedDataParallel wrappers are not supported: pass the "
+            "unwrapped model (every process holds a replica; statistics and gradients are "
+            "all-reduced by the optimizer)."
+        )

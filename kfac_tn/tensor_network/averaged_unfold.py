@@ -9,7 +9,7 @@ permuted or copied (an einsum would transpose it first). Dense dimensions (see
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 

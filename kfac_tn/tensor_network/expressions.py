@@ -20,8 +20,8 @@ Shapes (2d, ungrouped for brevity):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import prod
-from typing import Sequence
 
 from torch import Tensor
 

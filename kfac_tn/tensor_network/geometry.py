@@ -7,9 +7,9 @@ completely; an N-d convolution is a tuple of N of them. Everything above this fi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Sequence
 
 from torch import nn
 

@@ -34,7 +34,7 @@ class Pattern:
         return (d.kernel_size, d.output_size, d.input_size)
 
 
-Operand = Union[Tensor, Pattern]
+Operand = Union[Tensor, Pattern]  # noqa: UP007 (a runtime alias)
 
 
 @dataclass

@@ -14,11 +14,11 @@ clipping windows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import product
+from itertools import pairwise, product
 from math import prod
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -87,7 +87,7 @@ def _intervals(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """Elementary intervals that the windows split into (only covered ones)."""
     cuts = sorted({b for w in windows for b in w})
     return [
-        (a, b) for a, b in zip(cuts[:-1], cuts[1:]) if any(lo <= a and b <= hi for lo, hi in windows)
+        (a, b) for a, b in pairwise(cuts) if any(lo <= a and b <= hi for lo, hi in windows)
     ]
 
 

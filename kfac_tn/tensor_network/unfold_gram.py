@@ -9,10 +9,10 @@ taps do not overlap (patchify), where the shift Grams would be many thin GEMMs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from itertools import product
 from math import prod
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
