@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kfac_tn.optim.structured_products import symmetric_addmm_
+
 
 class SymmetricSum:
     """``H = Σ_i S_i S_iᵀ + D`` with thin factors ``S_i`` ``[d, R_i]`` and a dense part ``D``."""
@@ -36,9 +38,9 @@ class SymmetricSum:
         return total / self.dim
 
     def add_to_(self, target: Tensor, alpha: float) -> Tensor:
-        """``target += alpha · H`` in place."""
+        """``target += alpha · H`` in place (``target`` symmetric)."""
         for S in self.factors:
-            target.addmm_(S, S.T, alpha=alpha)
+            symmetric_addmm_(target, S, S.T, alpha=alpha)
         if self.dense is not None:
             target.add_(self.dense, alpha=alpha)
         return target

@@ -393,7 +393,7 @@ def _average_trace_inner(M: StructuredMatrix) -> Tensor:
     """``tr(Mᵀ M) / d``; for dense M the squared Frobenius norm, without forming MᵀM."""
     if isinstance(M, DenseMatrix):
         mat = M.to_dense()
-        return mat.square().sum() / mat.shape[0]
+        return torch.linalg.vector_norm(mat).square() / mat.shape[0]
     return M.from_inner().average_trace()
 
 

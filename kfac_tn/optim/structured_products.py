@@ -51,7 +51,7 @@ def symmetric_addmm_(target: Tensor, left: Tensor, right: Tensor, alpha: float, 
     return target
 
 
-def right_multiply_update_(M: Tensor, update: Tensor, beta: float, rows: int = 256) -> Tensor:
+def right_multiply_update_(M: Tensor, update: Tensor, beta: float, rows: int = 1024) -> Tensor:
     """``M ← M − beta · M @ update`` in place, a block of rows at a time (small temporaries)."""
     for start in range(0, M.shape[0], rows):
         block = M[start : start + rows]
