@@ -27,6 +27,7 @@ from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
 from kfac_tn.optim.distributed import all_reduce_flat, is_distributed
 from kfac_tn.optim.validation import (
+    check_layout,
     in_unit_interval,
     non_negative,
     one_of,
@@ -135,15 +136,18 @@ class KFAC(torch.optim.Optimizer):
             if groups:
                 self.layers[name] = m
         self._group_index = {name: group_of[m.weight] for name, m in self.layers.items()}
+        self._layouts = {name: (m.weight.device, m.weight.dtype) for name, m in self.layers.items()}
         self.kfac_state: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
         self._pending: dict[str, dict[str, Any]] = {}
         self._capture = LayerCapture(self.layers, self._accumulate, self._statistics_due)
 
     # ----------------------------------------------------------- statistics
     def _statistics_due(self, name: str, module: nn.Module) -> bool:
+        check_layout(name, module, self._layouts[name])
         return self.steps % self.factor_update_freq == 0
 
     def _accumulate(self, name: str, module: nn.Module, x: Tensor, grad_output: Tensor) -> None:
+        check_layout(name, module, self._layouts[name])
         A = input_factor(module, x, self.kfac_approx, self.group_average)
         G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
         pending = self._pending.setdefault(name, {"A": 0, "G": 0, "count": 0})
@@ -230,6 +234,8 @@ class KFAC(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Precondition the gradients and update the parameters (skipped on inf/NaN)."""
+        for name, module in self.layers.items():
+            check_layout(name, module, self._layouts[name])
         loss = None
         if closure is not None:
             with torch.enable_grad():

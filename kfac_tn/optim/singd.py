@@ -57,6 +57,7 @@ from kfac_tn.optim.structured_products import (
     symmetric_addmm_,
 )
 from kfac_tn.optim.validation import (
+    check_layout,
     in_unit_interval,
     non_negative,
     one_of,
@@ -149,11 +150,16 @@ class SINGD(StockSINGD):
         self._capture = LayerCapture(
             {name: mod for mod, name in module_names.items()},
             on_backward=lambda name, module, x, g: self._accumulate_H_terms(module, (x,), g),
-            is_due=lambda name, module: self.steps % self._get_param_group_entry(module, "T") == 0,
+            is_due=self._statistics_due,
         )
         return module_names, self._capture.handles
 
+    def _statistics_due(self, name: str, module: nn.Module) -> bool:
+        check_layout(name, module, self._layouts[name])
+        return self.steps % self._get_param_group_entry(module, "T") == 0
+
     def _initialize_buffers(self) -> None:
+        self._layouts = {name: (m.weight.device, m.weight.dtype) for m, name in self.module_names.items()}
         for module, name in self.module_names.items():
             dim_K, dim_C = block_dims(module, self._group_average)
             (dtype_K, dtype_C), dev = self._get_preconditioner_dtypes_and_device(module)
@@ -199,6 +205,7 @@ class SINGD(StockSINGD):
         return [_sandwich(C, gram) for C, gram in zip(Cs, grams)]
 
     def _accumulate_H_terms(self, module: nn.Module, inputs: tuple[Tensor], grad_output: Tensor) -> None:
+        check_layout(self.module_names[module], module, self._layouts[self.module_names[module]])
         loss_average = self._get_param_group_entry(module, "loss_average")
         kfac_approx = self._get_param_group_entry(module, "kfac_approx")
         name = self.module_names[module]
@@ -339,6 +346,8 @@ class SINGD(StockSINGD):
         with a GradScaler that found infs: parameters, K, C and momenta stay as they
         are, and the statistics gathered for this step are dropped.
         """
+        for module, name in self.module_names.items():
+            check_layout(name, module, self._layouts[name])
         own_check = not hasattr(self, "found_inf") and not self._gradients_finite()
         if own_check:
             self.found_inf = True

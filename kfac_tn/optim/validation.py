@@ -43,3 +43,14 @@ def reject_wrappers(model: Any) -> None:
             "unwrapped model (every process holds a replica; statistics and gradients are "
             "all-reduced by the optimizer)."
         )
+
+
+def check_layout(name: str, module: Any, expected: tuple) -> None:
+    """RuntimeError if a layer's weight moved to another device/dtype after construction."""
+    now = (module.weight.device, module.weight.dtype)
+    if now != expected:
+        raise RuntimeError(
+            f"Layer {name!r} moved from {expected[0]}/{expected[1]} to {now[0]}/{now[1]} after the "
+            "optimizer was built: build the optimizer after moving the model (and load the old "
+            "optimizer's state_dict into the new one if needed)."
+        )

@@ -1,0 +1,91 @@
+"""What users get wrong, and what they get back (SINGD and KFAC alike).
+
+| misuse | outcome |
+|---|---|
+| unsupported layer with parameters | warning naming it (tests/test_singd.py, test_kfac.py) |
+| negative lr/damping, unknown structure/approx, T < 1 | ValueError naming the argument (same files) |
+| non-finite loss or gradients | step skipped, warning, state intact (same files) |
+| a layer used twice in one forward (weight tying) | both uses contribute statistics; trains |
+| inputs changing shape between steps | contraction re-planned, no crash |
+| eval-mode forward / torch.no_grad | no statistics captured |
+| model moved to another dtype/device after the optimizer was built | RuntimeError naming the layer |
+| state dict of another model | ValueError naming the mismatch (same files) |
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_tn
+
+OPTIMIZERS = {
+    "singd": lambda m: kfac_tn.SINGD(m, lr=0.05, lr_cov=0.1, T=1),
+    "kfac": lambda m: kfac_tn.KFAC(m, lr=0.05, damping=1e-2, inverse_update_freq=1),
+}
+
+
+class _Tied(nn.Module):
+    """The same Linear applied twice (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+
+def _step(model, opt, X, y):
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(X), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_weight_tying_contributes_both_uses_and_trains(name):
+    torch.manual_seed(0)
+    model = _Tied()
+    opt = OPTIMIZERS[name](model)
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    losses = [_step(model, opt, X, y) for _ in range(15)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_inputs_changing_shape_between_steps(name):
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)
+    y = torch.randint(0, 3, (4,))
+    for size in (8, 11, 6, 8):
+        assert torch.isfinite(torch.tensor(_step(model, opt, torch.randn(4, 3, size, size), y)))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_eval_mode_and_no_grad_capture_nothing(name):
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)
+    X = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        model(X)
+    model.eval()
+    model(X).sum().backward()
+    pending = opt.H_Ks if name == "singd" else opt._pending
+    assert not pending
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_model_moved_after_construction_is_a_clear_error(name):
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)
+    model.double()
+    X, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(RuntimeError, match="Layer '0' moved from cpu/torch.float32 to cpu/torch.float64"):
+        _step(model, opt, X, y)
