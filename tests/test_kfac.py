@@ -146,3 +146,37 @@ def test_unsupported_layers_warn_and_wrappers_fail():
         kfac_tn.KFAC(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
     with pytest.raises(TypeError, match="DataParallel"):
         kfac_tn.KFAC(nn.DataParallel(_model()))
+
+
+def test_grad_scaler_and_bf16_autocast_are_neutral():
+    """Power-of-two loss scaling is exact: with a GradScaler the trajectory is the same."""
+    X, y = _data()
+
+    def run(scaled):
+        model = _model().float()
+        opt = kfac_tn.KFAC(model, lr=0.05, damping=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(X.float()), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_overflow_skips_the_step():
+    model = _model().float()
+    opt = kfac_tn.KFAC(model, lr=0.05, damping=1e-2)
+    X, y = _data()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(X.float()), y)).backward()
+    next(model.parameters()).grad[0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="GradScaler found inf"):
+        scaler.step(opt)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -299,3 +299,13 @@ def test_grad_scaler_and_bf16_autocast_match_stock():
             scaler.update()
 
     _same_as_stock(run, dict(lr=0.1, lr_cov=0.1, T=1, init_grad_scale=2.0**4))
+
+
+def test_bfloat16_preconditioner_storage_trains():
+    """Statistics in float32, K/C and momenta stored in bfloat16."""
+    model = _cnn()
+    opt = kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=1, preconditioner_dtype=(torch.bfloat16, torch.bfloat16))
+    data = _data((6, 3, 7, 7))
+    params = _train(model, opt, data, 4)
+    assert torch.isfinite(params).all()
+    assert opt.Ks["0"][0].to_dense().dtype == torch.bfloat16

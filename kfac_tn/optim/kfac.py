@@ -56,6 +56,9 @@ def _damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 class KFAC(torch.optim.Optimizer):
+    # GradScaler hands the loss scale and found_inf to step() (see torch.amp.GradScaler)
+    _step_supports_amp_scaling = True
+
     """Kronecker-factored approximate curvature optimizer for Linear and every conv layer.
 
     Args:
@@ -241,6 +244,11 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self._unscale(grads):
+            warn(f"GradScaler found inf/NaN at step {self.steps}; skipping the step (state unchanged).", stacklevel=2)
+            self._pending = {}
+            self.steps += 1
+            return loss
         if is_distributed():
             # every rank averages (or sums, for a summed loss) its gradients and statistics,
             # so all ranks apply the same update as one process on the concatenated batch
@@ -281,6 +289,23 @@ class KFAC(torch.optim.Optimizer):
                 p.add_(d, alpha=-group["lr"])
         self.steps += 1
         return loss
+
+    def _unscale(self, grads: list[Tensor]) -> bool:
+        """Undo a GradScaler's loss scale on gradients (1/s) and pending G (1/s²).
+
+        Returns whether the scaler found inf/NaN (then the step is to be skipped).
+        """
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            return False
+        if bool(getattr(self, "found_inf", torch.zeros(())).item()):
+            return True
+        inv = 1.0 / float(scale)
+        for g in grads:
+            g.mul_(inv)
+        for pending in self._pending.values():
+            pending["G"] = pending["G"] * inv**2
+        return False
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
