@@ -36,8 +36,11 @@ def _data():
 def _optimizer(name, model):
     if name == "kfac":
         return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2)
-    structures = {"singd_dense": ("dense", "dense"), "singd_diag": ("diagonal", "dense")}[name]
-    return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=structures, kfac_approx="reduce")
+    structures = {"singd_dense": ("dense", "dense"), "singd_diag": ("diagonal", "dense"),
+                  "singd_greedy": ("dense", "dense")}[name]
+    workers = "greedy" if name == "singd_greedy" else "all"
+    return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=structures, kfac_approx="reduce",
+                         update_workers=workers)
 
 
 def _train(model, opt, X, y):
@@ -55,13 +58,16 @@ def _worker(rank, name, init_file, out_dir):
         X, y = _data()
         shard = slice(rank * 4, (rank + 1) * 4)
         model = _model()
-        params = _train(model, _optimizer(name, model), X[shard], y[shard])
+        opt = _optimizer(name, model)
+        params = _train(model, opt, X[shard], y[shard])
+        if name == "singd_greedy":  # both ranks own layers: the work was spread
+            assert set(opt._update_owners().values()) == {0, 1}
         torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "kfac"])
+@pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "singd_greedy", "kfac"])
 def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")

@@ -87,5 +87,5 @@ def test_model_moved_after_construction_is_a_clear_error(name):
     opt = OPTIMIZERS[name](model)
     model.double()
     X, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
-    with pytest.raises(RuntimeError, match="Layer '0' moved from cpu/torch.float32 to cpu/torch.float64"):
+    with pytest.raises(RuntimeError, match=r"Layer '0' moved from cpu/torch\.float32 to cpu/torch\.float64"):
         _step(model, opt, X, y)

@@ -30,3 +30,15 @@ def all_reduce_flat(tensors: list[Tensor], op=dist.ReduceOp.AVG) -> None:
             dist.all_reduce(flat, op=op)
         for t, reduced in zip(group, _unflatten_dense_tensors(flat, group)):
             t.copy_(reduced)
+
+
+def broadcast_flat(tensors: list[Tensor], src: int) -> None:
+    """Broadcast ``tensors`` from rank ``src`` in place, one flat bucket per dtype/device."""
+    buckets: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    for group in buckets.values():
+        flat = _flatten_dense_tensors(group)
+        dist.broadcast(flat, src=src)
+        for t, received in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.copy_(received)

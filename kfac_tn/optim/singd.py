@@ -47,7 +47,7 @@ from kfac_tn.factors import (
     input_rows,
 )
 from kfac_tn.factors.layers import num_positions
-from kfac_tn.optim.distributed import all_reduce_flat, is_distributed
+from kfac_tn.optim.distributed import all_reduce_flat, broadcast_flat, is_distributed
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.structured_products import (
     inner_with,
@@ -68,6 +68,7 @@ from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_b
 
 GROUPED_CONV = ("exact", "average")
 NATURAL_GRADIENT_CACHE = ("memory", "time", "none")
+UPDATE_WORKERS = ("all", "greedy")
 
 
 class SINGD(StockSINGD):
@@ -84,6 +85,11 @@ class SINGD(StockSINGD):
             where that saves FLOPs: ``"memory"`` (default: only caches no larger than the
             layer's other factor), ``"time"`` (every cache that saves FLOPs, at up to one
             extra K-sized matrix per layer), or ``"none"``.
+        update_workers: with torch.distributed, ``"all"`` (every rank updates every
+            layer's K and C: no extra communication, as stock) or ``"greedy"`` (each
+            layer's update runs on one rank, chosen by a greedy longest-first cost model
+            of d_K³ + d_C³, and the new K, C and momenta are broadcast, one bucket per
+            rank; spreads the O(d³) work, costs one broadcast of the state per update).
     """
 
     SUPPORTED_MODULES = SUPPORTED_LAYERS
@@ -109,6 +115,7 @@ class SINGD(StockSINGD):
         normalize_lr_cov: bool = False,
         grouped_conv: str = "exact",
         natural_gradient_cache: str = "memory",
+        update_workers: str = "all",
     ):
         reject_wrappers(model)
         _validate_hyperparameters(
@@ -121,6 +128,8 @@ class SINGD(StockSINGD):
         self.grouped_conv = grouped_conv
         one_of("natural_gradient_cache", natural_gradient_cache, NATURAL_GRADIENT_CACHE)
         self.natural_gradient_cache = natural_gradient_cache
+        one_of("update_workers", update_workers, UPDATE_WORKERS)
+        self.update_workers = update_workers
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
         super().__init__(
             model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
@@ -356,6 +365,74 @@ class SINGD(StockSINGD):
         finally:
             if own_check:
                 del self.found_inf
+
+    def _step(self) -> None:
+        """Update the pre-conditioners (spread over ranks if asked), then the parameters."""
+        modules = list(self.module_names)
+        if self.update_workers == "greedy" and is_distributed():
+            owners = self._update_owners()
+            rank = dist.get_rank()
+            updated = []
+            for module in modules:
+                due = self.steps % self._get_param_group_entry(module, "T") == 0
+                if not due:
+                    continue
+                name = self.module_names[module]
+                if owners[name] == rank:
+                    self._update_preconditioner(module)
+                else:  # its owner updates it; drop the local copy of the statistics
+                    self.H_Ks.pop(name, None)
+                    self.H_Cs.pop(name, None)
+                updated.append(name)
+            self._broadcast_preconditioners(updated, owners)
+        else:
+            for module in modules:
+                self._update_preconditioner(module)
+        for module in modules:
+            natural_gradients = self._compute_natural_gradient(module)
+            parameters = [module.weight] if module.bias is None else [module.weight, module.bias]
+            weight_decay = self._get_param_group_entry(module, "weight_decay")
+            momentum = self._get_param_group_entry(module, "momentum")
+            lr = self._get_param_group_entry(module, "lr")
+            for p, step in zip(parameters, natural_gradients):
+                if weight_decay != 0.0:
+                    step.add_(p.data, alpha=weight_decay)
+                if momentum != 0.0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.data)
+                    step = state["momentum_buffer"].mul_(momentum).add_(step)
+                p.data.add_(step, alpha=-lr)
+
+    def _update_owners(self) -> dict[str, int]:
+        """Layer → rank that updates it: largest cost first to the least-loaded rank."""
+        if getattr(self, "_owners", None) is None:
+            world = dist.get_world_size()
+            load = [0.0] * world
+            costs = []
+            for module, name in self.module_names.items():
+                dim_K, dim_C = block_dims(module, self._group_average)
+                costs.append((float(num_blocks(module, self._group_average)) * (dim_K**3 + dim_C**3), name))
+            self._owners = {}
+            for cost, name in sorted(costs, key=lambda c: (-c[0], c[1])):
+                rank = min(range(world), key=lambda r: (load[r], r))
+                self._owners[name] = rank
+                load[rank] += cost
+        return self._owners
+
+    def _broadcast_preconditioners(self, names: list[str], owners: dict[str, int]) -> None:
+        """Send each updated layer's K, C and momenta from its owner to every rank."""
+        for src in range(dist.get_world_size()):
+            tensors = []
+            for name in names:
+                if owners[name] != src:
+                    continue
+                self._invalidate(name)
+                for store in (self.Ks, self.Cs, self.m_Ks, self.m_Cs):
+                    for matrix in store.get(name, []):
+                        tensors.extend(t for _, t in matrix.named_tensors())
+            if tensors:
+                broadcast_flat(tensors, src)
 
     def _gradients_finite(self) -> bool:
         sums = [p.grad.sum() for group in self.param_groups for p in group["params"] if p.grad is not None]
