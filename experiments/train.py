@@ -110,9 +110,33 @@ def _evaluate(model, loader, device) -> tuple[float, float]:
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
+def _init_distributed() -> tuple[int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): (rank, world)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world
+
+
 def train(config: dict, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Run the training described by ``config``; returns the per-epoch metrics."""
+    """Run the training described by ``config``; returns the per-epoch metrics.
+
+    Under ``torchrun --nproc_per_node N`` each process trains a replica on its shard of
+    every batch (``batch_size`` per process); the optimizers all-reduce statistics and
+    gradients, the fallback SGD's gradients are all-reduced here, and rank 0 writes
+    metrics and checkpoints.
+    """
     from tqdm import tqdm
+
+    from kfac_tn.optim.distributed import all_reduce_flat
+
+    rank, world = _init_distributed()
 
     training, data_cfg, opt_cfg = config["training"], config["data"], dict(config["optimizer"])
     out_dir = Path(config["output"].get("dir", "results/train"))
@@ -122,6 +146,8 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
     torch.manual_seed(seed)
     random.seed(seed)
     device = _device(training.get("device"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     train_set, test_set, classes = load_data(
         data_cfg.get("name", "synthetic"), data_cfg.get("data_dir"), data_cfg.get("image_size", 32),
         data_cfg.get("num_classes", 10), data_cfg.get("n_train", 512), data_cfg.get("n_test", 128), seed,
@@ -148,10 +174,11 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
         history, start_epoch = state["history"], state["epoch"] + 1
     max_steps = training.get("max_steps_per_epoch")
     for epoch in range(start_epoch, training.get("epochs", 1)):
-        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed + epoch))
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + epoch))
+        shard = torch.utils.data.Subset(train_set, order[rank::world].tolist())
+        loader = DataLoader(shard, batch_size=batch_size)
         steps = min(len(loader), max_steps) if max_steps else len(loader)
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not progress or rank > 0, leave=False)
         loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
         for step, (X, y) in enumerate(bar):
             if step >= steps:
@@ -162,6 +189,9 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
                 out = model(X)
                 loss = torch.nn.functional.cross_entropy(out, y)
             scaler.scale(loss).backward()
+            if world > 1 and optimizer.fallback is not None:
+                grads = [p.grad for g in optimizer.fallback.param_groups for p in g["params"] if p.grad is not None]
+                all_reduce_flat(grads)
             for opt in optimizer.optimizers:
                 scaler.step(opt)
             scaler.update()
@@ -176,6 +206,8 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
             "test_loss": test_loss, "test_acc": test_acc,
             "seconds_per_step": (time.perf_counter() - start) / max(steps, 1),
         })
+        if rank > 0:
+            continue
         _write_metrics(history, out_dir)
         save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,

@@ -111,3 +111,18 @@ def test_compare_config_errors(tmp_path):
         load_compare_config(str(bad), [])
     with pytest.raises(ConfigError, match="does not exist"):
         load_compare_config(str(tmp_path / "none.yaml"), [])
+
+
+def test_train_under_torchrun_with_two_processes(tmp_path):
+    config = _config(tmp_path, "singd_tn", **{"optimizer.T": 1, "training.epochs": 1})
+    path = tmp_path / "run.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "experiments" / "train.py"), "--config", str(path), "--no-progress"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "metrics.json").is_file()
