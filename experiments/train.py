@@ -237,6 +237,12 @@ def main() -> None:
         train(config, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, DataError) as err:
         sys.exit(f"error: {err}")
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

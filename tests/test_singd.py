@@ -186,6 +186,7 @@ def test_state_dict_of_another_model_is_rejected():
         (dict(kfac_approx="diag"), "kfac_approx must"),
         (dict(loss_average="mean"), "loss_average must"),
         (dict(grouped_conv="sum"), "grouped_conv must"),
+        (dict(update_worker_fraction=0.0), "update_worker_fraction must"),
     ],
 )
 def test_invalid_hyperparameters_are_named(kwargs, match):

@@ -68,7 +68,6 @@ from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_b
 
 GROUPED_CONV = ("exact", "average")
 NATURAL_GRADIENT_CACHE = ("memory", "time", "none")
-UPDATE_WORKERS = ("all", "greedy")
 
 
 class SINGD(StockSINGD):
@@ -85,11 +84,14 @@ class SINGD(StockSINGD):
             where that saves FLOPs: ``"memory"`` (default: only caches no larger than the
             layer's other factor), ``"time"`` (every cache that saves FLOPs, at up to one
             extra K-sized matrix per layer), or ``"none"``.
-        update_workers: with torch.distributed, ``"all"`` (every rank updates every
-            layer's K and C: no extra communication, as stock) or ``"greedy"`` (each
-            layer's update runs on one rank, chosen by a greedy longest-first cost model
-            of d_K³ + d_C³, and the new K, C and momenta are broadcast, one bucket per
-            rank; spreads the O(d³) work, costs one broadcast of the state per update).
+        update_worker_fraction: with torch.distributed, the fraction of ranks that compute
+            each layer's K/C update (KAISA's knob). ``1.0`` (COMM-OPT, default, as stock):
+            every rank updates every layer, nothing extra is sent. ``1/world`` (MEM-OPT
+            style): each layer's update runs on one rank. In between (hybrid): ranks form
+            groups of ``round(fraction·world)``; layers go to groups by a greedy
+            longest-first cost model (d_K³ + d_C³ per block), each group's leader
+            broadcasts the new K, C and momenta (one bucket per group). Every rank still
+            holds all K/C and forms its own natural gradients.
     """
 
     SUPPORTED_MODULES = SUPPORTED_LAYERS
@@ -115,7 +117,7 @@ class SINGD(StockSINGD):
         normalize_lr_cov: bool = False,
         grouped_conv: str = "exact",
         natural_gradient_cache: str = "memory",
-        update_workers: str = "all",
+        update_worker_fraction: float = 1.0,
     ):
         reject_wrappers(model)
         _validate_hyperparameters(
@@ -128,8 +130,9 @@ class SINGD(StockSINGD):
         self.grouped_conv = grouped_conv
         one_of("natural_gradient_cache", natural_gradient_cache, NATURAL_GRADIENT_CACHE)
         self.natural_gradient_cache = natural_gradient_cache
-        one_of("update_workers", update_workers, UPDATE_WORKERS)
-        self.update_workers = update_workers
+        if not isinstance(update_worker_fraction, (int, float)) or not 0 < update_worker_fraction <= 1:
+            raise ValueError(f"update_worker_fraction must lie in (0, 1], got {update_worker_fraction!r}.")
+        self.update_worker_fraction = float(update_worker_fraction)
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
         super().__init__(
             model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
@@ -369,22 +372,22 @@ class SINGD(StockSINGD):
     def _step(self) -> None:
         """Update the pre-conditioners (spread over ranks if asked), then the parameters."""
         modules = list(self.module_names)
-        if self.update_workers == "greedy" and is_distributed():
-            owners = self._update_owners()
-            rank = dist.get_rank()
+        groups = self._worker_groups() if is_distributed() else [[0]]
+        if len(groups) > 1:
+            owners = self._update_owners(len(groups))
+            mine = next(i for i, members in enumerate(groups) if dist.get_rank() in members)
             updated = []
             for module in modules:
-                due = self.steps % self._get_param_group_entry(module, "T") == 0
-                if not due:
+                if self.steps % self._get_param_group_entry(module, "T") != 0:
                     continue
                 name = self.module_names[module]
-                if owners[name] == rank:
+                if owners[name] == mine:
                     self._update_preconditioner(module)
-                else:  # its owner updates it; drop the local copy of the statistics
+                else:  # another group updates it; drop the local copy of the statistics
                     self.H_Ks.pop(name, None)
                     self.H_Cs.pop(name, None)
                 updated.append(name)
-            self._broadcast_preconditioners(updated, owners)
+            self._broadcast_preconditioners(updated, owners, groups)
         else:
             for module in modules:
                 self._update_preconditioner(module)
@@ -404,35 +407,40 @@ class SINGD(StockSINGD):
                     step = state["momentum_buffer"].mul_(momentum).add_(step)
                 p.data.add_(step, alpha=-lr)
 
-    def _update_owners(self) -> dict[str, int]:
-        """Layer → rank that updates it: largest cost first to the least-loaded rank."""
-        if getattr(self, "_owners", None) is None:
-            world = dist.get_world_size()
-            load = [0.0] * world
+    def _worker_groups(self) -> list[list[int]]:
+        """Consecutive rank groups of ``round(fraction · world)`` ranks (at least 1)."""
+        world = dist.get_world_size()
+        size = min(world, max(1, round(self.update_worker_fraction * world)))
+        return [list(range(start, min(start + size, world))) for start in range(0, world, size)]
+
+    def _update_owners(self, n_groups: int) -> dict[str, int]:
+        """Layer → index of the group that updates it: largest cost first to the least-loaded group."""
+        if getattr(self, "_owners", None) is None or len(set(self._owners.values()) | {0}) > n_groups:
+            load = [0.0] * n_groups
             costs = []
             for module, name in self.module_names.items():
                 dim_K, dim_C = block_dims(module, self._group_average)
                 costs.append((float(num_blocks(module, self._group_average)) * (dim_K**3 + dim_C**3), name))
             self._owners = {}
             for cost, name in sorted(costs, key=lambda c: (-c[0], c[1])):
-                rank = min(range(world), key=lambda r: (load[r], r))
-                self._owners[name] = rank
-                load[rank] += cost
+                group = min(range(n_groups), key=lambda g: (load[g], g))
+                self._owners[name] = group
+                load[group] += cost
         return self._owners
 
-    def _broadcast_preconditioners(self, names: list[str], owners: dict[str, int]) -> None:
-        """Send each updated layer's K, C and momenta from its owner to every rank."""
-        for src in range(dist.get_world_size()):
+    def _broadcast_preconditioners(self, names: list[str], owners: dict[str, int], groups: list[list[int]]) -> None:
+        """Send each updated layer's K, C and momenta from its group's leader to every rank."""
+        for index, members in enumerate(groups):
             tensors = []
             for name in names:
-                if owners[name] != src:
+                if owners[name] != index:
                     continue
                 self._invalidate(name)
                 for store in (self.Ks, self.Cs, self.m_Ks, self.m_Cs):
                     for matrix in store.get(name, []):
                         tensors.extend(t for _, t in matrix.named_tensors())
             if tensors:
-                broadcast_flat(tensors, src)
+                broadcast_flat(tensors, src=members[0])
 
     def _gradients_finite(self) -> bool:
         sums = [p.grad.sum() for group in self.param_groups for p in group["params"] if p.grad is not None]
