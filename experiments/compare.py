@@ -206,11 +206,14 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "compare_default.yaml"))
+    parser.add_argument("--config", default=None, help="default: configs/compare_default.yaml")
+    parser.add_argument("--full", action="store_true", help="the seed's setting: configs/compare_full.yaml (GPU)")
     parser.add_argument("--out", default=None, help="output prefix (default: config's 'out' or results/compare)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=16")
     args = parser.parse_args()
+    if args.config is None:
+        args.config = str(ROOT / "configs" / ("compare_full.yaml" if args.full else "compare_default.yaml"))
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

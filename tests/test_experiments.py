@@ -126,3 +126,10 @@ def test_train_under_torchrun_with_two_processes(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_every_shipped_config_is_valid():
+    for path in sorted((ROOT / "configs").glob("train_*.yaml")):
+        load_config(str(path), [])
+    for path in sorted((ROOT / "configs").glob("compare_*.yaml")):
+        load_compare_config(str(path), [])
