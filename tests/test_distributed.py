@@ -34,8 +34,9 @@ def _data():
 
 
 def _optimizer(name, model):
-    if name == "kfac":
-        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2)
+    if name.startswith("kfac"):
+        fraction = 0.5 if name == "kfac_spread" else 1.0
+        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, update_worker_fraction=fraction)
     structures = {"singd_dense": ("dense", "dense"), "singd_diag": ("diagonal", "dense"),
                   "singd_greedy": ("dense", "dense")}[name]
     fraction = 0.5 if name == "singd_greedy" else 1.0
@@ -68,7 +69,7 @@ def _worker(rank, name, init_file, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "singd_greedy", "kfac"])
+@pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "singd_greedy", "kfac", "kfac_spread"])
 def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")

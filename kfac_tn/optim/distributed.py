@@ -7,6 +7,8 @@ updates (equal, up to rounding, to one process that saw the concatenated batch).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -16,20 +18,36 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_flat(tensors: list[Tensor], op=dist.ReduceOp.AVG) -> None:
-    """All-reduce ``tensors`` in place as one flat bucket per dtype/device (one collective each)."""
+def all_reduce_flat_async(tensors: list[Tensor], op=dist.ReduceOp.AVG) -> Callable[[], None]:
+    """Start all-reducing ``tensors`` (one flat bucket per dtype/device); returns ``finish``.
+
+    ``finish()`` waits for the collectives and writes the results back in place, so the
+    communication overlaps whatever runs in between (e.g. the rest of the backward pass).
+    """
     buckets: dict[tuple, list[Tensor]] = {}
     for t in tensors:
         buckets.setdefault((t.dtype, t.device), []).append(t)
+    average = op == dist.ReduceOp.AVG and dist.get_backend() == "gloo"  # gloo has no AVG
+    launched = []
     for group in buckets.values():
         flat = _flatten_dense_tensors(group)
-        if op == dist.ReduceOp.AVG and dist.get_backend() == "gloo":
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
-            flat /= dist.get_world_size()
-        else:
-            dist.all_reduce(flat, op=op)
-        for t, reduced in zip(group, _unflatten_dense_tensors(flat, group)):
-            t.copy_(reduced)
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM if average else op, async_op=True)
+        launched.append((group, flat, work))
+
+    def finish() -> None:
+        for group, flat, work in launched:
+            work.wait()
+            if average:
+                flat /= dist.get_world_size()
+            for t, reduced in zip(group, _unflatten_dense_tensors(flat, group)):
+                t.copy_(reduced)
+
+    return finish
+
+
+def all_reduce_flat(tensors: list[Tensor], op=dist.ReduceOp.AVG) -> None:
+    """All-reduce ``tensors`` in place as one flat bucket per dtype/device (one collective each)."""
+    all_reduce_flat_async(tensors, op)()
 
 
 def broadcast_flat(tensors: list[Tensor], src: int) -> None:
@@ -42,3 +60,24 @@ def broadcast_flat(tensors: list[Tensor], src: int) -> None:
         dist.broadcast(flat, src=src)
         for t, received in zip(group, _unflatten_dense_tensors(flat, group)):
             t.copy_(received)
+
+
+def worker_groups(fraction: float) -> list[list[int]]:
+    """Consecutive groups of ``round(fraction · world)`` ranks (at least one rank each)."""
+    world = dist.get_world_size()
+    size = min(world, max(1, round(fraction * world)))
+    return [list(range(start, min(start + size, world))) for start in range(0, world, size)]
+
+
+def assign_greedy(costs: dict[str, float], n_groups: int) -> dict[str, int]:
+    """Longest-processing-time-first: each item, largest first, to the least-loaded group.
+
+    Deterministic (ties by name and group index), so every rank computes the same map.
+    """
+    load = [0.0] * n_groups
+    owners = {}
+    for name, cost in sorted(costs.items(), key=lambda item: (-item[1], item[0])):
+        group = min(range(n_groups), key=lambda g: (load[g], g))
+        owners[name] = group
+        load[group] += cost
+    return owners

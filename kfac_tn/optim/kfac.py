@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
-from kfac_tn.optim.distributed import all_reduce_flat, is_distributed
+from kfac_tn.optim.distributed import (
+    all_reduce_flat,
+    assign_greedy,
+    broadcast_flat,
+    is_distributed,
+    worker_groups,
+)
 from kfac_tn.optim.validation import (
     check_layout,
     in_unit_interval,
@@ -37,6 +43,8 @@ from kfac_tn.optim.validation import (
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks
 
 INVERSE_METHODS = ("eigh", "cholesky")
+#: per inversion method, the state tensors an inversion produces
+INVERSE_KEYS = {"eigh": ("eval_A", "Q_A", "eval_G", "Q_G"), "cholesky": ("A_inv", "G_inv")}
 
 
 def _damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -52,7 +60,8 @@ def _damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     except torch.linalg.LinAlgError:
         evals, evecs = torch.linalg.eigh(M.double())
         evals, evecs = evals.to(dtype), evecs.to(dtype)
-    return evals.clamp_min_(0), evecs
+    # contiguous: ranks that receive a broadcast copy must multiply with the same layout
+    return evals.clamp_min_(0).contiguous(), evecs.contiguous()
 
 
 class KFAC(torch.optim.Optimizer):
@@ -79,6 +88,10 @@ class KFAC(torch.optim.Optimizer):
             :func:`kfac_tn.grad_output_factor`).
         grouped_conv: ``"exact"`` (a block per group) or ``"average"``.
         warn_unsupported: warn about trainable layers that get no preconditioning.
+        update_worker_fraction: with torch.distributed, the fraction of ranks that invert
+            each layer's factors (KAISA's knob): 1.0 everywhere (default), else groups of
+            ``round(fraction·world)`` ranks get layers by a greedy cost model (d_A³ + d_G³)
+            and their leaders broadcast the inverses.
     """
 
     def __init__(
@@ -99,6 +112,7 @@ class KFAC(torch.optim.Optimizer):
         loss_average: str | None = "batch",
         grouped_conv: str = "exact",
         warn_unsupported: bool = True,
+        update_worker_fraction: float = 1.0,
     ) -> None:
         reject_wrappers(model)
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("damping", damping)):
@@ -111,6 +125,9 @@ class KFAC(torch.optim.Optimizer):
         one_of("kfac_approx", kfac_approx, ("expand", "reduce"))
         one_of("loss_average", loss_average, (None, "batch", "batch+sequence"))
         one_of("grouped_conv", grouped_conv, ("exact", "average"))
+        if not isinstance(update_worker_fraction, (int, float)) or not 0 < update_worker_fraction <= 1:
+            raise ValueError(f"update_worker_fraction must lie in (0, 1], got {update_worker_fraction!r}.")
+        self.update_worker_fraction = float(update_worker_fraction)
         layers = {name: m for name, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
         if params is None:
             params = [p for m in layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
@@ -216,7 +233,34 @@ class KFAC(torch.optim.Optimizer):
                     f"Cholesky of the damped {key[0]} factor of layer {name!r} failed: increase damping "
                     f"(now {damping}) or use inverse_method='eigh'."
                 )
-            state[key] = torch.cholesky_inverse(L)
+            state[key] = torch.cholesky_inverse(L).contiguous()
+
+    def _update_inverses(self, force: bool) -> None:
+        """Invert due factors, spread over rank groups if ``update_worker_fraction < 1``."""
+        keys = INVERSE_KEYS[self.inverse_method]
+        due = [n for n, st in self.kfac_state.items() if "A" in st and (force or keys[0] not in st)]
+        groups = worker_groups(self.update_worker_fraction) if is_distributed() else [[0]]
+        if len(groups) == 1:
+            for name in due:
+                self._invert(name)
+            return
+        costs = {n: float(st["A"].shape[-1] ** 3 + st["G"].shape[-1] ** 3) for n, st in self.kfac_state.items() if "A" in st}
+        owners = assign_greedy(costs, len(groups))
+        mine = next(i for i, members in enumerate(groups) if dist.get_rank() in members)
+        for name in due:
+            if owners[name] == mine:
+                self._invert(name)
+            else:  # receive buffers of the right shape
+                A, G = self.kfac_state[name]["A"], self.kfac_state[name]["G"]
+                dt = self.inverse_dtype
+                shapes = {"eval_A": A.shape[:-1], "Q_A": A.shape, "eval_G": G.shape[:-1], "Q_G": G.shape,
+                          "A_inv": A.shape, "G_inv": G.shape}
+                for key in keys:
+                    self.kfac_state[name][key] = torch.empty(shapes[key], dtype=dt, device=A.device)
+        for index, members in enumerate(groups):
+            tensors = [self.kfac_state[n][k] for n in due if owners[n] == index for k in keys]
+            if tensors:
+                broadcast_flat(tensors, src=members[0])
 
     def _precondition(self, name: str, blocks: list[Tensor]) -> list[Tensor]:
         state = self.kfac_state[name]
@@ -260,14 +304,12 @@ class KFAC(torch.optim.Optimizer):
             self.steps += 1
             return loss
         self._absorb_statistics()
-        invert = self.steps % self.inverse_update_freq == 0
+        self._update_inverses(force=self.steps % self.inverse_update_freq == 0)
         directions: dict[int, Tensor] = {}
         for name, module in self.layers.items():
             state = self.kfac_state[name]
             if "A" not in state or module.weight.grad is None:
                 continue
-            if invert or ("Q_A" not in state and "A_inv" not in state):
-                self._invert(name)
             has_bias = module.bias is not None and module.bias.grad is not None
             blocks = matrix_blocks(module, module.weight.grad, module.bias.grad if has_bias else None, self.group_average)
             for p, d in zip((module.weight, module.bias), from_matrix_blocks(module, self._precondition(name, blocks), has_bias)):

@@ -47,7 +47,14 @@ from kfac_tn.factors import (
     input_rows,
 )
 from kfac_tn.factors.layers import num_positions
-from kfac_tn.optim.distributed import all_reduce_flat, broadcast_flat, is_distributed
+from kfac_tn.optim.distributed import (
+    all_reduce_flat,
+    all_reduce_flat_async,
+    assign_greedy,
+    broadcast_flat,
+    is_distributed,
+    worker_groups,
+)
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.structured_products import (
     inner_with,
@@ -134,6 +141,7 @@ class SINGD(StockSINGD):
             raise ValueError(f"update_worker_fraction must lie in (0, 1], got {update_worker_fraction!r}.")
         self.update_worker_fraction = float(update_worker_fraction)
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
+        self._in_flight: list = []
         super().__init__(
             model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
             structures, kfac_approx, warn_unsupported, kfac_like, preconditioner_dtype,
@@ -234,7 +242,13 @@ class SINGD(StockSINGD):
             H_K = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_K]
             H_C = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_C]
             tensors = [t for H in H_K + H_C for t in _tensors(H)]
-            all_reduce_flat(tensors, dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM)
+            finish = all_reduce_flat_async(tensors, dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM)
+            # overlaps the rest of the backward pass; completed at the next step()
+            self._in_flight.append((name, H_K, H_C, finish))
+            return
+        self._add_statistics(name, H_K, H_C)
+
+    def _add_statistics(self, name: str, H_K: list, H_C: list) -> None:
         if name in self.H_Ks:
             for acc, new in zip(self.H_Ks[name], H_K):
                 acc.add_(new)
@@ -351,6 +365,13 @@ class SINGD(StockSINGD):
             all_reduce_flat(out, dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM)
         return from_matrix_blocks(module, out, has_bias)
 
+    def _finish_reductions(self) -> None:
+        """Wait for the statistics' all-reduces launched in the backward pass, then add them."""
+        in_flight, self._in_flight = self._in_flight, []
+        for name, H_K, H_C, finish in in_flight:
+            finish()
+            self._add_statistics(name, H_K, H_C)
+
     def step(self, closure: Callable[[], Tensor] | None = None) -> None:
         """Precondition the gradients and update the parameters.
 
@@ -358,6 +379,7 @@ class SINGD(StockSINGD):
         with a GradScaler that found infs: parameters, K, C and momenta stay as they
         are, and the statistics gathered for this step are dropped.
         """
+        self._finish_reductions()
         for module, name in self.module_names.items():
             check_layout(name, module, self._layouts[name])
         own_check = not hasattr(self, "found_inf") and not self._gradients_finite()
@@ -372,7 +394,7 @@ class SINGD(StockSINGD):
     def _step(self) -> None:
         """Update the pre-conditioners (spread over ranks if asked), then the parameters."""
         modules = list(self.module_names)
-        groups = self._worker_groups() if is_distributed() else [[0]]
+        groups = worker_groups(self.update_worker_fraction) if is_distributed() else [[0]]
         if len(groups) > 1:
             owners = self._update_owners(len(groups))
             mine = next(i for i, members in enumerate(groups) if dist.get_rank() in members)
@@ -407,25 +429,14 @@ class SINGD(StockSINGD):
                     step = state["momentum_buffer"].mul_(momentum).add_(step)
                 p.data.add_(step, alpha=-lr)
 
-    def _worker_groups(self) -> list[list[int]]:
-        """Consecutive rank groups of ``round(fraction · world)`` ranks (at least 1)."""
-        world = dist.get_world_size()
-        size = min(world, max(1, round(self.update_worker_fraction * world)))
-        return [list(range(start, min(start + size, world))) for start in range(0, world, size)]
-
     def _update_owners(self, n_groups: int) -> dict[str, int]:
-        """Layer → index of the group that updates it: largest cost first to the least-loaded group."""
-        if getattr(self, "_owners", None) is None or len(set(self._owners.values()) | {0}) > n_groups:
-            load = [0.0] * n_groups
-            costs = []
+        """Layer → group that updates it (greedy on d_K³ + d_C³ per block), cached."""
+        if getattr(self, "_owners", None) is None or self._owners_groups != n_groups:
+            costs = {}
             for module, name in self.module_names.items():
                 dim_K, dim_C = block_dims(module, self._group_average)
-                costs.append((float(num_blocks(module, self._group_average)) * (dim_K**3 + dim_C**3), name))
-            self._owners = {}
-            for cost, name in sorted(costs, key=lambda c: (-c[0], c[1])):
-                group = min(range(n_groups), key=lambda g: (load[g], g))
-                self._owners[name] = group
-                load[group] += cost
+                costs[name] = float(num_blocks(module, self._group_average)) * (dim_K**3 + dim_C**3)
+            self._owners, self._owners_groups = assign_greedy(costs, n_groups), n_groups
         return self._owners
 
     def _broadcast_preconditioners(self, names: list[str], owners: dict[str, int], groups: list[list[int]]) -> None:
@@ -447,6 +458,10 @@ class SINGD(StockSINGD):
         return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
     # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        self._finish_reductions()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict`; a state of another model is an error."""
         for key in ("Ks", "Cs"):
