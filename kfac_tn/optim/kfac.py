@@ -34,6 +34,7 @@ from kfac_tn.optim.distributed import (
 )
 from kfac_tn.optim.validation import (
     check_layout,
+    fraction,
     in_unit_interval,
     non_negative,
     one_of,
@@ -125,8 +126,7 @@ class KFAC(torch.optim.Optimizer):
         one_of("kfac_approx", kfac_approx, ("expand", "reduce"))
         one_of("loss_average", loss_average, (None, "batch", "batch+sequence"))
         one_of("grouped_conv", grouped_conv, ("exact", "average"))
-        if not isinstance(update_worker_fraction, (int, float)) or not 0 < update_worker_fraction <= 1:
-            raise ValueError(f"update_worker_fraction must lie in (0, 1], got {update_worker_fraction!r}.")
+        fraction("update_worker_fraction", update_worker_fraction)
         self.update_worker_fraction = float(update_worker_fraction)
         layers = {name: m for name, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
         if params is None:

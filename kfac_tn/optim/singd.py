@@ -65,6 +65,7 @@ from kfac_tn.optim.structured_products import (
 )
 from kfac_tn.optim.validation import (
     check_layout,
+    fraction,
     in_unit_interval,
     non_negative,
     one_of,
@@ -137,8 +138,7 @@ class SINGD(StockSINGD):
         self.grouped_conv = grouped_conv
         one_of("natural_gradient_cache", natural_gradient_cache, NATURAL_GRADIENT_CACHE)
         self.natural_gradient_cache = natural_gradient_cache
-        if not isinstance(update_worker_fraction, (int, float)) or not 0 < update_worker_fraction <= 1:
-            raise ValueError(f"update_worker_fraction must lie in (0, 1], got {update_worker_fraction!r}.")
+        fraction("update_worker_fraction", update_worker_fraction)
         self.update_worker_fraction = float(update_worker_fraction)
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
         self._in_flight: list = []

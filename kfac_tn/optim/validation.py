@@ -22,6 +22,12 @@ def in_unit_interval(name: str, value: Any, closed_right: bool = False) -> None:
         raise ValueError(f"{name} must lie in [0, 1{bound}, got {value!r}.")
 
 
+def fraction(name: str, value: Any) -> None:
+    """``0 < value <= 1``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value <= 1:
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r}.")
+
+
 def positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
