@@ -123,6 +123,8 @@ def test_rows_and_diagonal_are_views_of_the_factor(case, approx):
         factor = kfac_tn.input_factor(layer, x, approx, group_average)
         rows = kfac_tn.factors.input_rows(layer, x, approx, group_average)
         torch.testing.assert_close(rows.transpose(1, 2) @ rows, factor)
+        pieces = list(kfac_tn.factors.input_row_chunks(layer, x, approx, group_average, chunk_bytes=64))
+        torch.testing.assert_close(sum(p.transpose(1, 2) @ p for p in pieces), factor)
         diag = kfac_tn.factors.input_factor_diagonal(layer, x, approx, group_average)
         torch.testing.assert_close(diag, factor.diagonal(dim1=1, dim2=2))
 

@@ -5,7 +5,12 @@ from kfac_tn.factors.grad_output_factor import (
     grad_output_factor_diagonal,
     grad_output_rows,
 )
-from kfac_tn.factors.input_factor import input_factor, input_factor_diagonal, input_rows
+from kfac_tn.factors.input_factor import (
+    input_factor,
+    input_factor_diagonal,
+    input_row_chunks,
+    input_rows,
+)
 from kfac_tn.factors.layers import SUPPORTED_LAYERS
 
 __all__ = [
@@ -15,5 +20,6 @@ __all__ = [
     "grad_output_rows",
     "input_factor",
     "input_factor_diagonal",
+    "input_row_chunks",
     "input_rows",
 ]

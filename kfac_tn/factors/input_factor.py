@@ -11,16 +11,22 @@ Three views of the same factor, for the callers' different needs:
 
 from __future__ import annotations
 
-from math import sqrt
+from collections.abc import Iterator
+from math import prod, sqrt
 
 import torch
 from torch import Tensor, nn
 
-from kfac_tn.factors.layers import check_approx, check_layer, conv_input, layer_groups
+from kfac_tn.factors.layers import (
+    check_approx,
+    check_layer,
+    conv_input,
+    layer_groups,
+)
 from kfac_tn.tensor_network.averaged_unfold import averaged_unfold
 from kfac_tn.tensor_network.geometry import ConvDim
 from kfac_tn.tensor_network.kfc import kfc_factor
-from kfac_tn.tensor_network.unfold_gram import unfolded_rows
+from kfac_tn.tensor_network.unfold_gram import unfolded_row_chunks, unfolded_rows
 
 
 def _with_bias(core: Tensor, mean_row: Tensor) -> Tensor:
@@ -145,6 +151,27 @@ def input_rows(layer: nn.Module, x: Tensor, approx: str = "expand", group_averag
     if bias:
         rows = _append_ones(rows)
     return rows.div_(sqrt(rows.shape[1])) if rows.is_contiguous() else rows / sqrt(rows.shape[1])
+
+
+def input_row_chunks(
+    layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False, chunk_bytes: int = 2**22
+) -> Iterator[Tensor]:
+    """:func:`input_rows` in pieces ``[G, r, d]`` of about ``chunk_bytes`` of unfolded input.
+
+    ``Σ_pieces Xᵀ X`` = :func:`input_factor`, so consumers that are additive over rows
+    (e.g. ``Kᵀ Xᵀ X K``) never hold the whole unfolded input. Expand convolutions only
+    are split; otherwise one piece.
+    """
+    if isinstance(layer, nn.Linear) or approx == "reduce":
+        yield input_rows(layer, x, approx, group_average)
+        return
+    _validate(layer, approx)
+    x, dims, G = _conv_setup(layer, x, group_average)
+    scale = 1.0 / sqrt(x.shape[0] * prod(d.output_size for d in dims))
+    for rows in unfolded_row_chunks(x, dims, G, chunk_bytes):
+        if layer.bias is not None:
+            rows = _append_ones(rows)
+        yield rows.mul_(scale)
 
 
 def input_factor_diagonal(

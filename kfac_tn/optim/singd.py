@@ -44,6 +44,7 @@ from kfac_tn.factors import (
     grad_output_rows,
     input_factor,
     input_factor_diagonal,
+    input_row_chunks,
     input_rows,
 )
 from kfac_tn.factors.layers import num_positions
@@ -208,8 +209,15 @@ class SINGD(StockSINGD):
         dim_K = block_dims(module, ga)[0]
         rows_count = x.shape[0] if approx == "reduce" else x.shape[0] * num_positions(module, x)
         if approx == "reduce" or _factored_is_cheaper(rows_count, dim_K, Ks[0]):
-            rows = input_rows(module, x, approx, ga)  # [G, R, d]
-            return [_inner_with(K, r.T) for K, r in zip(Ks, rows)]
+            if isinstance(Ks[0], DenseMatrix):
+                rows = input_rows(module, x, approx, ga)  # [G, R, d]
+                return [_inner_with(K, r.T) for K, r in zip(Ks, rows)]
+            # other structures: Mᵀ Xᵀ X M is additive over rows, so stream the unfolded input
+            H = None
+            for rows in input_row_chunks(module, x, approx, ga):
+                part = [K.from_inner(X=r.T) for K, r in zip(Ks, rows)]
+                H = part if H is None else [h.add_(p) for h, p in zip(H, part)]
+            return H
         A = input_factor(module, x, approx, ga)  # [G, d, d]
         return [_sandwich(K, a) for K, a in zip(Ks, A)]
 

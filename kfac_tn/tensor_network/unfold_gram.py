@@ -90,14 +90,24 @@ def unfolded_chunks(
         yield u.reshape(groups, -1, K * C)
 
 
-def unfolded_rows(x: Tensor, dims: Sequence[ConvDim], groups: int = 1) -> Tensor:
-    """Whole unfolded input ``[G, N·O, C·K..]``, columns ordered ``(c, k..)``."""
+def unfolded_row_chunks(
+    x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**25
+) -> Iterator[Tensor]:
+    """Unfolded input by batch chunks ``[G, n·O, C·K..]``, columns ordered ``(c, k..)``.
+
+    Each chunk is a new tensor (never a view of the reused unfolding buffer).
+    """
     C = x.shape[1] // groups
     K = prod(d.kernel_size for d in dims)
-    chunks = [
-        u.unflatten(2, (K, C)).transpose(2, 3).flatten(2)  # (k, c) -> (c, k), copies
-        for u in unfolded_chunks(x, dims, groups)
-    ]
+    for u in unfolded_chunks(x, dims, groups, chunk_bytes):
+        out = u.new_empty(u.shape)
+        out.view(u.shape[0], u.shape[1], C, K).copy_(u.unflatten(2, (K, C)).transpose(2, 3))  # (k, c) -> (c, k)
+        yield out
+
+
+def unfolded_rows(x: Tensor, dims: Sequence[ConvDim], groups: int = 1) -> Tensor:
+    """Whole unfolded input ``[G, N·O, C·K..]``, columns ordered ``(c, k..)``."""
+    chunks = list(unfolded_row_chunks(x, dims, groups))
     return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0].contiguous()
 
 
