@@ -310,3 +310,6 @@ def test_bfloat16_preconditioner_storage_trains():
     params = _train(model, opt, data, 4)
     assert torch.isfinite(params).all()
     assert opt.Ks["0"][0].to_dense().dtype == torch.bfloat16
+    nn.functional.cross_entropy(model(data[0]), data[1]).backward()  # statistics of step 4
+    H = opt.H_Ks["0"][0]
+    assert (H.dense if H.dense is not None else H.factors[0]).dtype == torch.float32

@@ -40,9 +40,10 @@ class SymmetricSum:
     def add_to_(self, target: Tensor, alpha: float) -> Tensor:
         """``target += alpha · H`` in place (``target`` symmetric)."""
         for S in self.factors:
+            S = S.to(target.dtype)  # statistics kept in float32, K/C may be stored lower
             symmetric_addmm_(target, S, S.T, alpha=alpha)
         if self.dense is not None:
-            target.add_(self.dense, alpha=alpha)
+            target.add_(self.dense.to(target.dtype), alpha=alpha)
         return target
 
     def to_dense(self) -> Tensor:

@@ -24,6 +24,7 @@ reuses its structured matrices). What differs:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from math import sqrt
 from typing import Any
@@ -233,18 +234,22 @@ class SINGD(StockSINGD):
         return [_sandwich(C, gram) for C, gram in zip(Cs, grams)]
 
     def _accumulate_H_terms(self, module: nn.Module, inputs: tuple[Tensor], grad_output: Tensor) -> None:
-        check_layout(self.module_names[module], module, self._layouts[self.module_names[module]])
+        """Statistics of one backward pass, in at least float32 whatever K/C are stored in."""
+        name = self.module_names[module]
+        check_layout(name, module, self._layouts[name])
         loss_average = self._get_param_group_entry(module, "loss_average")
         kfac_approx = self._get_param_group_entry(module, "kfac_approx")
-        name = self.module_names[module]
         (dtype_K, dtype_C), _ = self._get_preconditioner_dtypes_and_device(module)
-        a = inputs[0].data.to(dtype_K)
-        g = grad_output.data.to(dtype_C)
+        stat_K, stat_C = torch.promote_types(dtype_K, torch.float32), torch.promote_types(dtype_C, torch.float32)
+        a = inputs[0].data.to(stat_K)
+        g = grad_output.data.to(stat_C)
         prev_grad_scale = self._get_grad_scale(self.steps - 1)
         if prev_grad_scale != 1.0:
             g = g / sqrt(prev_grad_scale)
-        H_K = self._H_K(module, a, self.Ks[name], kfac_approx)
-        H_C = self._H_C(module, g, self.Cs[name], kfac_approx, loss_average)
+        Ks = [_cast(K, stat_K) for K in self.Ks[name]]
+        Cs = [_cast(C, stat_C) for C in self.Cs[name]]
+        H_K = self._H_K(module, a, Ks, kfac_approx)
+        H_C = self._H_C(module, g, Cs, kfac_approx, loss_average)
         if is_distributed():
             # factors of different ranks cannot be summed: densify, then one bucket per layer
             H_K = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_K]
@@ -549,6 +554,16 @@ def _riemannian_step(
         beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
     M.add_(M @ new_m, alpha=-beta)
     return new_m
+
+
+def _cast(M: StructuredMatrix, dtype: torch.dtype) -> StructuredMatrix:
+    """``M`` itself if already in ``dtype``, else a shallow copy with its tensors cast."""
+    if _dtype(M) == dtype:
+        return M
+    cast = copy.copy(M)
+    for name, tensor in M.named_tensors():
+        setattr(cast, name, tensor.to(dtype))
+    return cast
 
 
 def _tensors(H) -> list[Tensor]:
