@@ -10,6 +10,7 @@
 | eval-mode forward / torch.no_grad | no statistics captured |
 | model moved to another dtype/device after the optimizer was built | RuntimeError naming the layer |
 | state dict of another model | ValueError naming the mismatch (same files) |
+| a frozen bias (requires_grad=False) | treated as a zero-gradient column; not updated |
 """
 
 import pytest
@@ -89,3 +90,15 @@ def test_model_moved_after_construction_is_a_clear_error(name):
     X, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
     with pytest.raises(RuntimeError, match=r"Layer '0' moved from cpu/torch\.float32 to cpu/torch\.float64"):
         _step(model, opt, X, y)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_frozen_bias_is_left_alone(name):
+    model = _conv_net()
+    model[0].bias.requires_grad_(False)
+    bias = model[0].bias.detach().clone()
+    opt = OPTIMIZERS[name](model)
+    X, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    for _ in range(2):
+        _step(model, opt, X, y)
+    assert torch.equal(model[0].bias, bias)

@@ -41,7 +41,7 @@ from kfac_tn.optim.validation import (
     positive_int,
     reject_wrappers,
 )
-from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks
+from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks
 
 INVERSE_METHODS = ("eigh", "cholesky")
 #: per inversion method, the state tensors an inversion produces
@@ -310,8 +310,8 @@ class KFAC(torch.optim.Optimizer):
             state = self.kfac_state[name]
             if "A" not in state or module.weight.grad is None:
                 continue
-            has_bias = module.bias is not None and module.bias.grad is not None
-            blocks = matrix_blocks(module, module.weight.grad, module.bias.grad if has_bias else None, self.group_average)
+            has_bias = module.bias is not None
+            blocks = gradient_blocks(module, self.group_average)
             for p, d in zip((module.weight, module.bias), from_matrix_blocks(module, self._precondition(name, blocks), has_bias)):
                 directions[id(p)] = d
         for group in self.param_groups:

@@ -74,7 +74,7 @@ from kfac_tn.optim.validation import (
     positive_int,
     reject_wrappers,
 )
-from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, matrix_blocks, num_blocks
+from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks, num_blocks
 
 GROUPED_CONV = ("exact", "average")
 NATURAL_GRADIENT_CACHE = ("memory", "time", "none")
@@ -348,9 +348,7 @@ class SINGD(StockSINGD):
     def _compute_natural_gradient(self, module: nn.Module) -> tuple[Tensor, ...]:
         name = self.module_names[module]
         has_bias = module.bias is not None
-        grads = matrix_blocks(
-            module, module.weight.grad.data, module.bias.grad.data if has_bias else None, self._group_average
-        )
+        grads = gradient_blocks(module, self._group_average)
         grad_scale = self._get_grad_scale(self.steps)
         T = self._get_param_group_entry(module, "T")
         dim_K, dim_C = block_dims(module, self._group_average)
@@ -433,6 +431,8 @@ class SINGD(StockSINGD):
             momentum = self._get_param_group_entry(module, "momentum")
             lr = self._get_param_group_entry(module, "lr")
             for p, step in zip(parameters, natural_gradients):
+                if p.grad is None:  # e.g. a frozen bias: its (zero) column only shaped the solve
+                    continue
                 if weight_decay != 0.0:
                     step.add_(p.data, alpha=weight_decay)
                 if momentum != 0.0:

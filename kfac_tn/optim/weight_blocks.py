@@ -71,3 +71,16 @@ def block_dims(module: nn.Module, group_average: bool) -> tuple[int, int]:
     dim_K = module.in_channels // G * kernel + has_bias
     dim_C = module.out_channels if group_average else module.out_channels // G
     return dim_K, dim_C
+
+
+def gradient_blocks(module: nn.Module, group_average: bool) -> list[Tensor]:
+    """:func:`matrix_blocks` of the gradients; a bias without gradient (frozen) counts as 0.
+
+    The factors include the bias row whenever the layer has a bias, so its column must
+    be present even if the bias is not trained.
+    """
+    bias = module.bias
+    bias_grad = None
+    if bias is not None:
+        bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+    return matrix_blocks(module, module.weight.grad, bias_grad, group_average)
