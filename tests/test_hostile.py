@@ -11,6 +11,7 @@
 | model moved to another dtype/device after the optimizer was built | RuntimeError naming the layer |
 | state dict of another model | ValueError naming the mismatch (same files) |
 | a frozen bias (requires_grad=False) | treated as a zero-gradient column; not updated |
+| a layer that takes no part in a step | skipped (SINGD also warns at its update step) |
 """
 
 import pytest
@@ -102,3 +103,30 @@ def test_frozen_bias_is_left_alone(name):
     for _ in range(2):
         _step(model, opt, X, y)
     assert torch.equal(model[0].bias, bias)
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_layer_without_gradient_is_skipped(name):
+    torch.manual_seed(0)
+    model = _Branchy()
+    before = model.unused.weight.detach().clone()
+    opt = OPTIMIZERS[name](model)
+    X, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.warns(UserWarning) if name == "singd" else _no_warning():
+        _step(model, opt, X, y)
+    assert torch.equal(model.unused.weight, before)
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -425,6 +425,8 @@ class SINGD(StockSINGD):
             for module in modules:
                 self._update_preconditioner(module)
         for module in modules:
+            if module.weight.grad is None:  # the layer took no part in this step's loss
+                continue
             natural_gradients = self._compute_natural_gradient(module)
             parameters = [module.weight] if module.bias is None else [module.weight, module.bias]
             weight_decay = self._get_param_group_entry(module, "weight_decay")
