@@ -153,3 +153,16 @@ def test_grad_output_diagonal_and_rows(approx, loss_average):
             full = kfac_tn.grad_output_factor(layer, g, approx, loss_average, ga)
             diag = kfac_tn.factors.grad_output_factor_diagonal(layer, g, approx, loss_average, ga)
             torch.testing.assert_close(diag, full.diagonal(dim1=1, dim2=2))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_factor_views_never_modify_the_input(approx):
+    """The input is the layer's saved activation: writing to it would corrupt gradients."""
+    layers = [(nn.Linear(4, 3, bias=False), torch.randn(5, 2, 4)), (nn.Conv1d(2, 3, 1, bias=False), torch.randn(5, 2, 6))]
+    for layer, x in layers:
+        x0 = x.clone()
+        kfac_tn.factors.input_rows(layer, x, approx)
+        list(kfac_tn.factors.input_row_chunks(layer, x, approx))
+        kfac_tn.factors.input_factor_diagonal(layer, x, approx)
+        kfac_tn.input_factor(layer, x, approx)
+        assert torch.equal(x, x0)

@@ -313,3 +313,17 @@ def test_bfloat16_preconditioner_storage_trains():
     nn.functional.cross_entropy(model(data[0]), data[1]).backward()  # statistics of step 4
     H = opt.H_Ks["0"][0]
     assert (H.dense if H.dense is not None else H.factors[0]).dtype == torch.float32
+
+
+def test_bias_free_linear_matches_stock():
+    """Regression: the rows route must not rescale a bias-free Linear's saved input."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 7 * 7, 8, bias=False), nn.ReLU(), nn.Linear(8, 5, bias=False))
+
+    data = _data((6, 3, 7, 7))
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1)
+    m1, m2 = model(), model()
+    ref = _train(m1, StockSINGD(m1, **kwargs), data, 3)
+    ours = _train(m2, kfac_tn.SINGD(m2, **kwargs), data, 3)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

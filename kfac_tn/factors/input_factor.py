@@ -150,7 +150,7 @@ def input_rows(layer: nn.Module, x: Tensor, approx: str = "expand", group_averag
             rows = unfolded_rows(x, dims, G)
     if bias:
         rows = _append_ones(rows)
-    return rows.div_(sqrt(rows.shape[1])) if rows.is_contiguous() else rows / sqrt(rows.shape[1])
+    return rows / sqrt(rows.shape[1])  # out of place: rows may be a view of the caller's input
 
 
 def input_row_chunks(
