@@ -1,9 +1,37 @@
-"""Make the repository root importable (``experiments``) and tests' helpers (``conv_cases``)."""
+"""Make the repository root importable (``experiments``) and tests' helpers (``conv_cases``); shared fixtures."""
 
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+
+@pytest.fixture
+def stock_float64(monkeypatch):
+    """Let stock singd's structured products run in float64.
+
+    singd 0.0.5's ``lowest_precision`` (the compute dtype of two operands) rejects
+    float64; patched to return the common dtype, which is what it returns for the
+    dtypes it accepts. Nothing else of the oracle changes.
+    """
+    import importlib
+    import pkgutil
+
+    import singd.structures
+
+    def lowest_precision(*dtypes):
+        common = dtypes[0]
+        for dtype in dtypes[1:]:
+            common = dtype if torch.finfo(dtype).bits < torch.finfo(common).bits else common
+        return common
+
+    for info in pkgutil.iter_modules(singd.structures.__path__):
+        module = importlib.import_module(f"singd.structures.{info.name}")
+        if hasattr(module, "lowest_precision"):
+            monkeypatch.setattr(module, "lowest_precision", lowest_precision)

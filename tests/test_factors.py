@@ -164,5 +164,53 @@ def test_factor_views_never_modify_the_input(approx):
         kfac_tn.factors.input_rows(layer, x, approx)
         list(kfac_tn.factors.input_row_chunks(layer, x, approx))
         kfac_tn.factors.input_factor_diagonal(layer, x, approx)
+        kfac_tn.factors.input_factor_blocks(layer, x, 2, approx)
         kfac_tn.input_factor(layer, x, approx)
         assert torch.equal(x, x0)
+
+
+def _diagonal_blocks(full, block):
+    """Reference: ``[G, d // B, B, B]`` and ``[G, r, r]`` cut out of the whole factor."""
+    G, n = full.shape[0], full.shape[1] // block
+    blocks = full.new_empty(G, n, block, block)
+    for i in range(n):
+        blocks[:, i] = full[:, i * block : (i + 1) * block, i * block : (i + 1) * block]
+    return blocks, full[:, n * block :, n * block :]
+
+
+@given(
+    conv_layers(),
+    __import__("hypothesis").strategies.sampled_from(["expand", "reduce"]),
+    __import__("hypothesis").strategies.sampled_from([1, 2, 5, 30]),
+    __import__("hypothesis").strategies.sampled_from([64, 2**23]),
+)
+@settings(max_examples=60, deadline=None)
+def test_factor_blocks_are_the_diagonal_blocks_of_the_factors(case, approx, block, chunk_bytes):
+    """Block-diagonal statistics: only A's and G's diagonal blocks, batch chunks or not."""
+    layer, x = case
+    g = torch.randn_like(layer(x))
+    for group_average in (False, True):
+        full = kfac_tn.input_factor(layer, x, approx, group_average)
+        got = kfac_tn.factors.input_factor_blocks(layer, x, block, approx, group_average, chunk_bytes)
+        for ours, ref in zip(got, _diagonal_blocks(full, block)):
+            torch.testing.assert_close(ours, ref)
+        for loss_average in (None, "batch+sequence"):
+            full = kfac_tn.grad_output_factor(layer, g, approx, loss_average, group_average)
+            got = kfac_tn.factors.grad_output_factor_blocks(layer, g, block, approx, loss_average, group_average)
+            for ours, ref in zip(got, _diagonal_blocks(full, block)):
+                torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_factor_blocks(approx, bias):
+    layer = nn.Linear(29, 31, bias=bias).double()  # with bias: d = 30, one full block, no last
+    x = torch.randn(4, 3, 29, dtype=torch.float64)
+    g = torch.randn(4, 3, 31, dtype=torch.float64)
+    for block in (1, 7, 30):
+        got = kfac_tn.factors.input_factor_blocks(layer, x, block, approx)
+        for ours, ref in zip(got, _diagonal_blocks(kfac_tn.input_factor(layer, x, approx), block)):
+            torch.testing.assert_close(ours, ref)
+        got = kfac_tn.factors.grad_output_factor_blocks(layer, g, block, approx)
+        for ours, ref in zip(got, _diagonal_blocks(kfac_tn.grad_output_factor(layer, g, approx), block)):
+            torch.testing.assert_close(ours, ref)

@@ -2,11 +2,13 @@
 
 from kfac_tn.factors.grad_output_factor import (
     grad_output_factor,
+    grad_output_factor_blocks,
     grad_output_factor_diagonal,
     grad_output_rows,
 )
 from kfac_tn.factors.input_factor import (
     input_factor,
+    input_factor_blocks,
     input_factor_diagonal,
     input_row_chunks,
     input_rows,
@@ -16,9 +18,11 @@ from kfac_tn.factors.layers import SUPPORTED_LAYERS
 __all__ = [
     "SUPPORTED_LAYERS",
     "grad_output_factor",
+    "grad_output_factor_blocks",
     "grad_output_factor_diagonal",
     "grad_output_rows",
     "input_factor",
+    "input_factor_blocks",
     "input_factor_diagonal",
     "input_row_chunks",
     "input_rows",

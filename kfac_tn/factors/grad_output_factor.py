@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from kfac_tn.factors.layers import check_approx, check_layer, check_output, layer_groups
+from kfac_tn.tensor_network.block_gram import block_gram
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 
@@ -100,3 +101,28 @@ def grad_output_factor_diagonal(
     else:
         diag = torch.linalg.vector_norm(g, dim=(0, 1)).square()
     return diag.mul_(scale).reshape(G, -1)
+
+
+def grad_output_factor_blocks(
+    layer: nn.Module,
+    grad_output: Tensor,
+    block: int,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+    group_average: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The ``block × block`` diagonal blocks of :func:`grad_output_factor`.
+
+    Returns:
+        ``(blocks, last)`` in singd's block-diagonal layout: ``[G, D // block, block,
+        block]`` and ``[G, D mod block, D mod block]``.
+    """
+    _check(layer, grad_output, approx, loss_average)
+    G = 1 if group_average else layer_groups(layer)
+    g = _per_position(layer, grad_output)  # [B, P, G·D]
+    scale = _scale(loss_average, g.shape[0], g.shape[1])
+    if approx == "reduce":
+        g = g.sum(1, keepdim=True)
+    features = g.permute(2, 0, 1).reshape(G, g.shape[2] // G, -1)  # [G, D, B·P], feature-major
+    blocks, last = block_gram(features, block)
+    return blocks.mul_(scale), last.mul_(scale)

@@ -9,13 +9,15 @@ reuses its structured matrices). What differs:
   input with one shared pair (``grouped_conv="average"``, identical to stock on Conv2d).
 - Statistics: ``H_K = structure(Kᵀ A K)`` from the tensor-network factors instead of
   the unfolded input. Per layer the cheapest exact form is used: the factor's diagonal
-  alone for diagonal ``K``; ``(X K)ᵀ(X K)`` with the few rows ``X`` of the reduce factor
+  alone for diagonal ``K``; its diagonal blocks alone for block-diagonal ``K``;
+  ``(X K)ᵀ(X K)`` with the few rows ``X`` of the reduce factor
   (or of a small unfolded input); otherwise the factor A (shift Grams, no unfolding)
   sandwiched by ``K``'s structured products. ``H_C`` likewise from the gradient rows or
   their Gram matrix, whichever is cheaper.
 - Natural gradient ``C Cᵀ ∇W K Kᵀ``: for dense structures, ``K Kᵀ`` / ``C Cᵀ`` can be
   cached between preconditioner updates when that saves FLOPs (``T·dim_C > 0.6·dim_K``),
-  halving the per-step products (see ``natural_gradient_cache``).
+  halving the per-step products (see ``natural_gradient_cache``); for block-diagonal
+  ones they are cached (as small as ``K``, ``C`` themselves) and applied by batched GEMMs.
 - Memory: dense statistics wait for the update as thin factors ``S`` (``H = S Sᵀ``), and
   the dense update works in place in the momentum buffer, one layer at a time.
 - No statistics in eval mode or under ``torch.no_grad()``; non-finite statistics skip
@@ -34,6 +36,7 @@ import torch
 import torch.distributed as dist
 from singd.optim.optimizer import SINGD as StockSINGD
 from singd.structures.base import StructuredMatrix
+from singd.structures.blockdiagonal import BlockDiagonalMatrixTemplate
 from singd.structures.dense import DenseMatrix
 from singd.structures.diagonal import DiagonalMatrix
 from torch import Tensor, nn
@@ -41,9 +44,11 @@ from torch import Tensor, nn
 from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import (
     SUPPORTED_LAYERS,
+    grad_output_factor_blocks,
     grad_output_factor_diagonal,
     grad_output_rows,
     input_factor,
+    input_factor_blocks,
     input_factor_diagonal,
     input_row_chunks,
     input_rows,
@@ -59,10 +64,14 @@ from kfac_tn.optim.distributed import (
 )
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.structured_products import (
+    block_sandwich,
     inner_with,
-    outer_dense,
+    left_multiply,
+    right_multiply,
     right_multiply_update_,
+    rmatmat_transposes,
     sandwich,
+    stock_projector,
     symmetric_addmm_,
 )
 from kfac_tn.optim.validation import (
@@ -91,9 +100,10 @@ class SINGD(StockSINGD):
             (singd's convention: input averaged over groups, one shared K and one C over
             all output channels).
         natural_gradient_cache: keep ``K Kᵀ`` / ``C Cᵀ`` between preconditioner updates
-            where that saves FLOPs: ``"memory"`` (default: only caches no larger than the
-            layer's other factor), ``"time"`` (every cache that saves FLOPs, at up to one
-            extra K-sized matrix per layer), or ``"none"``.
+            where that saves FLOPs: ``"memory"`` (default: dense caches only when no
+            larger than the layer's other factor), ``"time"`` (every dense cache that
+            saves FLOPs, at up to one extra K-sized matrix per layer), or ``"none"``.
+            Block-diagonal K/C are cached unless ``"none"`` (as small as K/C themselves).
         update_worker_fraction: with torch.distributed, the fraction of ranks that compute
             each layer's K/C update (KAISA's knob). ``1.0`` (COMM-OPT, default, as stock):
             every rank updates every layer, nothing extra is sent. ``1/world`` (MEM-OPT
@@ -207,6 +217,9 @@ class SINGD(StockSINGD):
         if all(isinstance(K, DiagonalMatrix) for K in Ks):
             diag = input_factor_diagonal(module, x, approx, ga)  # [G, d]
             return [K.from_inner(X=d.clamp_min(0).sqrt().unsqueeze(1)) for K, d in zip(Ks, diag)]
+        if _same_block_structure(Ks):
+            blocks, last = input_factor_blocks(module, x, Ks[0].BLOCK_DIM, approx, ga)
+            return [block_sandwich(K, b, r) for K, b, r in zip(Ks, blocks, last)]
         dim_K = block_dims(module, ga)[0]
         rows_count = x.shape[0] if approx == "reduce" else x.shape[0] * num_positions(module, x)
         if approx == "reduce" or _factored_is_cheaper(rows_count, dim_K, Ks[0]):
@@ -227,6 +240,9 @@ class SINGD(StockSINGD):
         if all(isinstance(C, DiagonalMatrix) for C in Cs):
             diag = grad_output_factor_diagonal(module, g, approx, loss_average, ga)  # [G, D]
             return [C.from_inner(X=d.sqrt().unsqueeze(1)) for C, d in zip(Cs, diag)]
+        if _same_block_structure(Cs):
+            blocks, last = grad_output_factor_blocks(module, g, Cs[0].BLOCK_DIM, approx, loss_average, ga)
+            return [block_sandwich(C, b, r) for C, b, r in zip(Cs, blocks, last)]
         rows = grad_output_rows(module, g, approx, loss_average, ga)  # [G, R, D]
         if _factored_is_cheaper(rows.shape[1], rows.shape[2], Cs[0]):
             return [_inner_with(C, r.T) for C, r in zip(Cs, rows)]
@@ -336,13 +352,24 @@ class SINGD(StockSINGD):
             return False
         return self.natural_gradient_cache == "time" or dim <= other
 
-    def _projector(self, name: str, key: str, b: int, M: StructuredMatrix, use_cache: bool) -> Tensor | None:
-        """Cached dense ``M Mᵀ`` (only for dense structures where it saves FLOPs)."""
-        if not use_cache or not isinstance(M, DenseMatrix):
+    def _projector(
+        self, name: str, key: str, b: int, M: StructuredMatrix, T: int, dim: int, other: int
+    ) -> Tensor | StructuredMatrix | None:
+        """Cached :func:`stock_projector` (``M @ M.rmatmat(·)``) for the natural gradient.
+
+        Dense: a ``d × d`` tensor, where :meth:`_cache_pays`. Block-diagonal: a matrix of
+        the same structure (no larger than ``M`` itself, which is small), unless
+        ``natural_gradient_cache="none"``: one batched product per step instead of two.
+        None where there is no cache.
+        """
+        if isinstance(M, DenseMatrix):
+            if not self._cache_pays(T, dim, other):
+                return None
+        elif not isinstance(M, BlockDiagonalMatrixTemplate) or self.natural_gradient_cache == "none":
             return None
         cache = self._cache[name][key]
         if cache[b] is None:
-            cache[b] = outer_dense(M)
+            cache[b] = stock_projector(M)
         return cache[b]
 
     def _compute_natural_gradient(self, module: nn.Module) -> tuple[Tensor, ...]:
@@ -358,8 +385,8 @@ class SINGD(StockSINGD):
             if grad_scale != 1.0:
                 grad = grad / grad_scale
             K, C = self.Ks[name][b], self.Cs[name][b]
-            KKT = self._projector(name, "KKT", b, K, self._cache_pays(T, dim_K, dim_C))
-            CCT = self._projector(name, "CCT", b, C, self._cache_pays(T, dim_C, dim_K))
+            KKT = self._projector(name, "KKT", b, K, T, dim_K, dim_C)
+            CCT = self._projector(name, "CCT", b, C, T, dim_C, dim_K)
             g = grad.to(dtype_K) if dtype_K is not None else grad
             if isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix):
                 # C Cᵀ G K Kᵀ = diag(c²) G diag(k²): two passes instead of four products
@@ -367,9 +394,16 @@ class SINGD(StockSINGD):
                 nat = g.mul(k2).to(dtype_C or g.dtype).mul_(c2.unsqueeze(1))
                 out.append(nat.to(grad.dtype))
                 continue
-            nat = g @ KKT if KKT is not None else (K @ K.rmatmat(g.T)).T
+            # stock: (K @ K.rmatmat(gᵀ))ᵀ, then C @ C.rmatmat(·); same products, batched
+            if KKT is None:
+                nat = right_multiply(right_multiply(g, K, transpose=not rmatmat_transposes(K)), K, transpose=True)
+            else:
+                nat = g @ KKT if isinstance(KKT, Tensor) else right_multiply(g, KKT, transpose=True)
             nat = nat.to(dtype_C) if dtype_C is not None else nat
-            nat = CCT @ nat if CCT is not None else C @ C.rmatmat(nat)
+            if CCT is None:
+                nat = left_multiply(C, left_multiply(C, nat, transpose=rmatmat_transposes(C)))
+            else:
+                nat = CCT @ nat if isinstance(CCT, Tensor) else left_multiply(CCT, nat)
             out.append(nat.to(grad.dtype))
         if is_distributed():
             loss_average = self._get_param_group_entry(module, "loss_average")
@@ -514,10 +548,10 @@ def _sandwich(M: StructuredMatrix, A: Tensor):
 
 
 def _average_trace_inner(M: StructuredMatrix) -> Tensor:
-    """``tr(Mᵀ M) / d``; for dense M the squared Frobenius norm, without forming MᵀM."""
-    if isinstance(M, DenseMatrix):
-        mat = M.to_dense()
-        return torch.linalg.vector_norm(mat).square() / mat.shape[0]
+    """``tr(Mᵀ M) / d``; for dense and block-diagonal M the squared Frobenius norm."""
+    if isinstance(M, (DenseMatrix, BlockDiagonalMatrixTemplate)):
+        tensors = [t for _, t in M.named_tensors()]
+        return sum(torch.linalg.vector_norm(t).square() for t in tensors) / M.shape[0]
     return M.from_inner().average_trace()
 
 
@@ -545,6 +579,9 @@ def _riemannian_step(
             beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
         right_multiply_update_(mat, buf, beta)
         return new_m
+    if isinstance(M, BlockDiagonalMatrixTemplate) and type(H) is type(M):
+        return _block_riemannian_step(M, H, m_old, a_H=a_H, a_MM=a_MM, scale=scale, alpha1=alpha1,
+                                      beta=beta, normalize=normalize)
     dim = M.shape[0]
     new_m = M.zeros(dim, dtype=_dtype(M), device=_device(M))
     new_m.add_(H, alpha=a_H)
@@ -555,6 +592,35 @@ def _riemannian_step(
     if normalize:
         beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
     M.add_(M @ new_m, alpha=-beta)
+    return new_m
+
+
+def _block_riemannian_step(
+    M: BlockDiagonalMatrixTemplate, H: BlockDiagonalMatrixTemplate, m_old, *, a_H, a_MM, scale: float,
+    alpha1: float, beta: float, normalize: bool,
+) -> BlockDiagonalMatrixTemplate:
+    """:func:`_riemannian_step` for block-diagonal M, batched over blocks, in place in m_old.
+
+    ``MᵀM`` is singd 0.0.5's ``from_inner()`` of a block-diagonal matrix, which is
+    ``M Mᵀ`` per block; reproduced as is for parity with stock singd.
+    """
+    new_m = m_old if m_old is not None else M.zeros(M.shape[0], dtype=_dtype(M), device=_device(M))
+    Ms, Hs, ms = dict(M.named_tensors()), dict(H.named_tensors()), dict(new_m.named_tensors())
+    if m_old is not None:
+        for key in ("_blocks", "_last"):
+            ms[key].mul_(alpha1)
+    for key in ("_blocks", "_last"):
+        mat, buf = Ms[key], ms[key]
+        batched = mat.unsqueeze(0) if mat.dim() == 2 else mat
+        buf_b = buf.unsqueeze(0) if buf.dim() == 2 else buf
+        buf_b.add_(Hs[key].to(buf.dtype).view_as(buf_b), alpha=float(scale * a_H))
+        buf_b.baddbmm_(batched, batched.transpose(1, 2), alpha=float(scale * a_MM))
+        buf_b.diagonal(dim1=1, dim2=2).sub_(scale)
+    if normalize:
+        beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
+    for key in ("_blocks", "_last"):
+        mat, buf = Ms[key], ms[key]
+        mat.sub_(mat @ buf, alpha=beta)
     return new_m
 
 
@@ -596,6 +662,11 @@ def _factored_is_cheaper(rows: int, dim: int, M: StructuredMatrix) -> bool:
     memory than the d × d factor.
     """
     return rows <= (2 * dim if isinstance(M, DenseMatrix) else dim)
+
+
+def _same_block_structure(Ms: list[StructuredMatrix]) -> bool:
+    """Whether all blocks are singd block-diagonal matrices of one block size."""
+    return all(isinstance(M, BlockDiagonalMatrixTemplate) for M in Ms) and len({M.BLOCK_DIM for M in Ms}) == 1
 
 
 def _is_finite(H) -> bool:

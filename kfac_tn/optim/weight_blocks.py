@@ -54,7 +54,7 @@ def from_matrix_blocks(module: nn.Module, blocks: list[Tensor], has_bias: bool) 
         shape = (weight.shape[1], weight.shape[0] // G) + tuple(weight.shape[2:])  # [D, C, K..]
         w = torch.cat([b.reshape(shape).transpose(0, 1) for b in blocks], dim=0)
     else:
-        w = torch.cat(blocks, dim=0)
+        w = torch.cat(blocks, dim=0) if len(blocks) > 1 else blocks[0]
     w = w.reshape(weight.shape)
     return (w, torch.cat(biases)) if has_bias else (w,)
 

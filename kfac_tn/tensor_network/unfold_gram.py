@@ -45,6 +45,26 @@ def tap_slices(dim: ConvDim) -> tuple[tuple[int, slice, slice] | None, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=512)
+def tap_copies(dims: tuple[ConvDim, ...]) -> tuple[tuple[tuple[int, ...], tuple[slice, ...], tuple[slice, ...]], ...]:
+    """Per N-d tap that reads anything: ``(taps, input slices, output slices)``."""
+    out = []
+    for combo in product(*(tap_slices(d) for d in dims)):
+        if any(t is None for t in combo):
+            continue
+        out.append((tuple(t[0] for t in combo), tuple(t[1] for t in combo), tuple(t[2] for t in combo)))
+    return tuple(out)
+
+
+def _covers_output(dims: tuple[ConvDim, ...]) -> bool:
+    """Whether every tap writes every output position (no padding zeros to keep)."""
+    return all(
+        t is not None and t[2].stop - t[2].start == d.output_size and (t[2].step or 1) == 1
+        for d in dims
+        for t in tap_slices(d)
+    )
+
+
 def unfold_gram_cost(dims: Sequence[ConvDim], channels: int, groups: int) -> tuple[int, int]:
     """(elements copied, multiply-adds) per sample of :func:`unfold_gram_kfc`."""
     positions = prod(d.output_size for d in dims)
@@ -68,26 +88,48 @@ def unfolded_chunks(
     per_sample = prod(out_sizes) * GC * K * x.element_size()
     chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
     buffer = x.new_empty((groups, chunk) + out_sizes + kernel + (C,))
-    taps = [tap_slices(d) for d in dims]
-    complete = all(t is not None for per_dim in taps for t in per_dim) and all(
-        t[2].stop - t[2].start == o and (t[2].step or 1) == 1
-        for per_dim, o in zip(taps, out_sizes)
-        for t in per_dim
-    )
+    copies = tap_copies(dims)
+    complete = _covers_output(dims)
     for start in range(0, N, chunk):
         n = min(chunk, N - start)
         u = buffer[:, :n]
         if not complete:
             u.zero_()
         src = x[start : start + n].unflatten(1, (groups, C)).movedim(2, -1).movedim(1, 0)  # [G, n, I.., C]
-        for combo in product(*taps):
-            if any(t is None for t in combo):
-                continue
-            ks = tuple(t[0] for t in combo)
-            u[(slice(None), slice(None)) + tuple(t[2] for t in combo) + ks].copy_(
-                src[(slice(None), slice(None)) + tuple(t[1] for t in combo)]
-            )
+        for ks, reads, writes in copies:
+            u[(slice(None), slice(None)) + writes + ks].copy_(src[(slice(None), slice(None)) + reads])
         yield u.reshape(groups, -1, K * C)
+
+
+def unfolded_feature_chunks(
+    x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**23
+) -> Iterator[Tensor]:
+    """Unfolded input by batch chunks, feature-major: ``[G, C·K.., n·O]``, rows ``(c, k..)``.
+
+    Each feature's samples are contiguous, so Grams of row blocks are GEMMs with a long
+    inner dimension. Tap slices are copied straight from the ``[N, C, I..]`` layout (no
+    channels-last copy). The yielded tensor is a view of one reused buffer whose
+    never-written entries (padding) stay zero: consume it before the next one.
+    """
+    dims = tuple(dims)
+    N, GC = x.shape[:2]
+    C = GC // groups
+    out_sizes = tuple(d.output_size for d in dims)
+    kernel = tuple(d.kernel_size for d in dims)
+    per_sample = prod(out_sizes) * GC * prod(kernel) * x.element_size()
+    chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
+    buffer = x.new_zeros((groups, C) + kernel + (chunk,) + out_sizes)
+    copies = tap_copies(dims)
+    src_all = x.unflatten(1, (groups, C)).movedim(0, 2)  # [G, C, N, I..] (a view)
+    for start in range(0, N, chunk):
+        n = min(chunk, N - start)
+        u = buffer[(slice(None),) * (2 + len(dims)) + (slice(0, n),)]
+        src = src_all[:, :, start : start + n]
+        for ks, reads, writes in copies:
+            u[(slice(None), slice(None)) + ks + (slice(None),) + writes].copy_(
+                src[(slice(None), slice(None), slice(None)) + reads]
+            )
+        yield u.reshape(groups, C * prod(kernel), n * prod(out_sizes))
 
 
 def unfolded_row_chunks(
