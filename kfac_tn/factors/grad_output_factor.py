@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from kfac_tn.factors.layers import check_approx, check_layer, check_output, layer_groups
 from kfac_tn.tensor_network.block_gram import block_gram
+from kfac_tn.tensor_network.workspace import Workspace
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 
@@ -110,8 +111,13 @@ def grad_output_factor_blocks(
     approx: str = "expand",
     loss_average: str | None = "batch",
     group_average: bool = False,
+    chunk_bytes: int = 2**22,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``block × block`` diagonal blocks of :func:`grad_output_factor`.
+
+    The gradient is transposed to feature-major rows in batch chunks of about
+    ``chunk_bytes`` (in ``workspace`` if given), so the block Grams are long GEMMs.
 
     Returns:
         ``(blocks, last)`` in singd's block-diagonal layout: ``[G, D // block, block,
@@ -123,6 +129,22 @@ def grad_output_factor_blocks(
     scale = _scale(loss_average, g.shape[0], g.shape[1])
     if approx == "reduce":
         g = g.sum(1, keepdim=True)
-    features = g.permute(2, 0, 1).reshape(G, g.shape[2] // G, -1)  # [G, D, B·P], feature-major
-    blocks, last = block_gram(features, block)
+    B, P, GD = g.shape
+    chunk = max(1, min(B, chunk_bytes // max(P * GD * g.element_size(), 1)))
+    buffer = None if workspace is None else workspace.take((GD * chunk * P,), g)
+    blocks = last = None
+    for start in range(0, B, chunk):
+        part = g[start : start + chunk].permute(2, 0, 1)  # [G·D, n, P]
+        shape = (G, GD // G, part.shape[1] * P)
+        if buffer is None:
+            features = part.reshape(shape)
+        else:
+            features = buffer[: part.numel()].view(shape)
+            features.view(part.shape).copy_(part)
+        pieces = block_gram(features, block)
+        if blocks is None:
+            blocks, last = pieces
+        else:
+            blocks.add_(pieces[0])
+            last.add_(pieces[1])
     return blocks.mul_(scale), last.mul_(scale)

@@ -212,7 +212,8 @@ def input_factor_blocks(
     block: int,
     approx: str = "expand",
     group_average: bool = False,
-    chunk_bytes: int = 2**23,
+    chunk_bytes: int = 2**22,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``block × block`` diagonal blocks of :func:`input_factor`, without the rest.
 
@@ -220,7 +221,8 @@ def input_factor_blocks(
         ``(blocks, last)`` in singd's block-diagonal layout: ``[G, d // block, block,
         block]`` and ``[G, d mod block, d mod block]`` (possibly empty), ``d`` as for
         :func:`input_factor` (bias row last). Expand convolutions stream the unfolded
-        input in batch chunks of about ``chunk_bytes``, so it never exists whole.
+        input in batch chunks of about ``chunk_bytes`` (in ``workspace`` if given), so
+        it never exists whole.
     """
     _validate(layer, approx)
     bias = layer.bias is not None
@@ -235,7 +237,7 @@ def input_factor_blocks(
         blocks, last = block_gram(u, block, bias)
         return blocks.div_(N), last.div_(N)
     blocks = last = None
-    for u in unfolded_feature_chunks(x, dims, G, chunk_bytes):
+    for u in unfolded_feature_chunks(x, dims, G, chunk_bytes, workspace):
         part = block_gram(u, block, bias)
         if blocks is None:
             blocks, last = part

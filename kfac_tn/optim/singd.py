@@ -84,6 +84,7 @@ from kfac_tn.optim.validation import (
     reject_wrappers,
 )
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks, num_blocks
+from kfac_tn.tensor_network.workspace import Workspace
 
 GROUPED_CONV = ("exact", "average")
 NATURAL_GRADIENT_CACHE = ("memory", "time", "none")
@@ -153,6 +154,8 @@ class SINGD(StockSINGD):
         fraction("update_worker_fraction", update_worker_fraction)
         self.update_worker_fraction = float(update_worker_fraction)
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
+        # scratch for block-diagonal statistics and natural gradients; freed after each step
+        self._workspace = Workspace()
         self._in_flight: list = []
         super().__init__(
             model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
@@ -218,7 +221,8 @@ class SINGD(StockSINGD):
             diag = input_factor_diagonal(module, x, approx, ga)  # [G, d]
             return [K.from_inner(X=d.clamp_min(0).sqrt().unsqueeze(1)) for K, d in zip(Ks, diag)]
         if _same_block_structure(Ks):
-            blocks, last = input_factor_blocks(module, x, Ks[0].BLOCK_DIM, approx, ga)
+            self._workspace.reset()
+            blocks, last = input_factor_blocks(module, x, Ks[0].BLOCK_DIM, approx, ga, workspace=self._workspace)
             return [block_sandwich(K, b, r) for K, b, r in zip(Ks, blocks, last)]
         dim_K = block_dims(module, ga)[0]
         rows_count = x.shape[0] if approx == "reduce" else x.shape[0] * num_positions(module, x)
@@ -241,7 +245,10 @@ class SINGD(StockSINGD):
             diag = grad_output_factor_diagonal(module, g, approx, loss_average, ga)  # [G, D]
             return [C.from_inner(X=d.sqrt().unsqueeze(1)) for C, d in zip(Cs, diag)]
         if _same_block_structure(Cs):
-            blocks, last = grad_output_factor_blocks(module, g, Cs[0].BLOCK_DIM, approx, loss_average, ga)
+            self._workspace.reset()
+            blocks, last = grad_output_factor_blocks(
+                module, g, Cs[0].BLOCK_DIM, approx, loss_average, ga, workspace=self._workspace
+            )
             return [block_sandwich(C, b, r) for C, b, r in zip(Cs, blocks, last)]
         rows = grad_output_rows(module, g, approx, loss_average, ga)  # [G, R, D]
         if _factored_is_cheaper(rows.shape[1], rows.shape[2], Cs[0]):
@@ -380,6 +387,10 @@ class SINGD(StockSINGD):
         T = self._get_param_group_entry(module, "T")
         dim_K, dim_C = block_dims(module, self._group_average)
         dtype_K, dtype_C = self._get_param_group_entry(module, "preconditioner_dtype")
+        # block-diagonal products write into the workspace: the results live until the
+        # next layer's natural gradient (the caller applies them before asking for it)
+        ws = self._workspace
+        ws.reset()
         out = []
         for b, grad in enumerate(grads):
             if grad_scale != 1.0:
@@ -396,14 +407,15 @@ class SINGD(StockSINGD):
                 continue
             # stock: (K @ K.rmatmat(gᵀ))ᵀ, then C @ C.rmatmat(·); same products, batched
             if KKT is None:
-                nat = right_multiply(right_multiply(g, K, transpose=not rmatmat_transposes(K)), K, transpose=True)
+                nat = right_multiply(g, K, not rmatmat_transposes(K), ws)
+                nat = right_multiply(nat, K, True, ws)
             else:
-                nat = g @ KKT if isinstance(KKT, Tensor) else right_multiply(g, KKT, transpose=True)
+                nat = g @ KKT if isinstance(KKT, Tensor) else right_multiply(g, KKT, True, ws)
             nat = nat.to(dtype_C) if dtype_C is not None else nat
             if CCT is None:
-                nat = left_multiply(C, left_multiply(C, nat, transpose=rmatmat_transposes(C)))
+                nat = left_multiply(C, left_multiply(C, nat, rmatmat_transposes(C), ws), False, ws)
             else:
-                nat = CCT @ nat if isinstance(CCT, Tensor) else left_multiply(CCT, nat)
+                nat = CCT @ nat if isinstance(CCT, Tensor) else left_multiply(CCT, nat, False, ws)
             out.append(nat.to(grad.dtype))
         if is_distributed():
             loss_average = self._get_param_group_entry(module, "loss_average")
@@ -433,6 +445,7 @@ class SINGD(StockSINGD):
         try:
             super().step(closure)
         finally:
+            self._workspace.release()
             if own_check:
                 del self.found_inf
 

@@ -16,6 +16,8 @@ from singd.structures.blockdiagonal import BlockDiagonalMatrixTemplate
 from singd.structures.dense import DenseMatrix
 from torch import Tensor
 
+from kfac_tn.tensor_network.workspace import Workspace
+
 #: below this size a plain GEMM is as fast as splitting it
 MIN_SPLIT = 512
 
@@ -137,13 +139,18 @@ def stock_projector(M: StructuredMatrix) -> Tensor | StructuredMatrix:
     return outer_dense(M)
 
 
-def left_multiply(M: StructuredMatrix, X: Tensor, transpose: bool = False) -> Tensor:
-    """``M @ X`` (``Mᵀ @ X`` if ``transpose``) for ``X`` ``[d, c]``."""
+def left_multiply(
+    M: StructuredMatrix, X: Tensor, transpose: bool = False, workspace: Workspace | None = None
+) -> Tensor:
+    """``M @ X`` (``Mᵀ @ X`` if ``transpose``) for ``X`` ``[d, c]``.
+
+    Block-diagonal M: one batched GEMM; the result is taken from ``workspace`` if given.
+    """
     if not isinstance(M, BlockDiagonalMatrixTemplate):
         return M.rmatmat(X) if transpose else M @ X
     blocks, last = _block_tensors(M, transpose)
     n = blocks.shape[0] * blocks.shape[1]
-    out = X.new_empty(X.shape)
+    out = X.new_empty(X.shape) if workspace is None else workspace.take(tuple(X.shape), X)
     if n:
         torch.bmm(blocks, X[:n].unflatten(0, blocks.shape[:2]), out=out[:n].unflatten(0, blocks.shape[:2]))
     if last.numel():
@@ -151,17 +158,26 @@ def left_multiply(M: StructuredMatrix, X: Tensor, transpose: bool = False) -> Te
     return out
 
 
-def right_multiply(X: Tensor, M: StructuredMatrix, transpose: bool = False) -> Tensor:
-    """``X @ M`` (``X @ Mᵀ`` if ``transpose``) for ``X`` ``[r, d]``."""
+def right_multiply(
+    X: Tensor, M: StructuredMatrix, transpose: bool = False, workspace: Workspace | None = None
+) -> Tensor:
+    """``X @ M`` (``X @ Mᵀ`` if ``transpose``) for ``X`` ``[r, d]``.
+
+    Block-diagonal M: one batched GEMM over the column blocks of X (into a block-major
+    temporary, then copied into place); result and temporary come from ``workspace`` if
+    given.
+    """
     if not isinstance(M, BlockDiagonalMatrixTemplate):
         return (M @ X.T).T if transpose else M.rmatmat(X.T).T
     blocks, last = _block_tensors(M, transpose)
-    n = blocks.shape[0] * blocks.shape[1]
-    out = X.new_empty(X.shape)
+    nb, B = blocks.shape[:2]
+    n, r = nb * B, X.shape[0]
+    take = (lambda shape: X.new_empty(shape)) if workspace is None else (lambda shape: workspace.take(shape, X))
+    out = take(tuple(X.shape))
     if n:
-        # einsum batches over the blocks with one bmm (columns of X are strided per block)
-        product = torch.einsum("rjb,jbc->rjc", X[:, :n].unflatten(1, blocks.shape[:2]), blocks)
-        out[:, :n].unflatten(1, blocks.shape[:2]).copy_(product)
+        product = take((nb, r, B))
+        torch.bmm(X[:, :n].unflatten(1, (nb, B)).transpose(0, 1), blocks, out=product)
+        out[:, :n].unflatten(1, (nb, B)).copy_(product.transpose(0, 1))
     if last.numel():
         out[:, n:] = X[:, n:] @ last
     return out

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from kfac_tn.tensor_network.geometry import ConvDim
+from kfac_tn.tensor_network.workspace import Workspace
 
 
 @lru_cache(maxsize=512)
@@ -102,14 +103,19 @@ def unfolded_chunks(
 
 
 def unfolded_feature_chunks(
-    x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**23
+    x: Tensor,
+    dims: Sequence[ConvDim],
+    groups: int = 1,
+    chunk_bytes: int = 2**22,
+    workspace: Workspace | None = None,
 ) -> Iterator[Tensor]:
     """Unfolded input by batch chunks, feature-major: ``[G, C·K.., n·O]``, rows ``(c, k..)``.
 
     Each feature's samples are contiguous, so Grams of row blocks are GEMMs with a long
     inner dimension. Tap slices are copied straight from the ``[N, C, I..]`` layout (no
-    channels-last copy). The yielded tensor is a view of one reused buffer whose
-    never-written entries (padding) stay zero: consume it before the next one.
+    channels-last copy). The yielded tensor is a view of one reused buffer (taken from
+    ``workspace`` if given) whose never-written entries (padding) stay zero: consume it
+    before the next one.
     """
     dims = tuple(dims)
     N, GC = x.shape[:2]
@@ -118,7 +124,13 @@ def unfolded_feature_chunks(
     kernel = tuple(d.kernel_size for d in dims)
     per_sample = prod(out_sizes) * GC * prod(kernel) * x.element_size()
     chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
-    buffer = x.new_zeros((groups, C) + kernel + (chunk,) + out_sizes)
+    shape = (groups, C) + kernel + (chunk,) + out_sizes
+    if workspace is None:
+        buffer = x.new_zeros(shape)
+    else:
+        buffer = workspace.take(shape, x)
+        if not _covers_output(dims):
+            buffer.zero_()
     copies = tap_copies(dims)
     src_all = x.unflatten(1, (groups, C)).movedim(0, 2)  # [G, C, N, I..] (a view)
     for start in range(0, N, chunk):

@@ -1,0 +1,46 @@
+"""Scratch memory reused across calls, so hot loops do not allocate (and fault in) pages.
+
+Temporaries of the factor and pre-conditioner code (unfolded chunks, transposed
+gradients, products) are short-lived and of a few recurring sizes. A :class:`Workspace`
+hands out views of one flat buffer per device and dtype, front to back; :meth:`reset`
+makes the whole buffer available again (previously handed-out views must be dead by
+then), :meth:`release` frees it. A request that does not fit gets a fresh buffer large
+enough for everything handed out since the last reset, which the next reset adopts.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import torch
+from torch import Tensor
+
+
+class Workspace:
+    """Bump allocator over flat per-(device, dtype) buffers; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._used: dict[tuple[torch.device, torch.dtype], int] = {}
+
+    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialized contiguous tensor of ``shape`` with ``like``'s device and dtype."""
+        key = (like.device, like.dtype)
+        numel = prod(shape)
+        used = self._used.get(key, 0)
+        buffer = self._buffers.get(key)
+        if buffer is None or used + numel > buffer.numel():
+            # keep handed-out views valid: a new, larger buffer for this and later requests
+            buffer = like.new_empty(used + numel)
+            self._buffers[key] = buffer
+        self._used[key] = used + numel
+        return buffer[used : used + numel].view(shape)
+
+    def reset(self) -> None:
+        """Make every buffer available again (views handed out before must be dead)."""
+        self._used.clear()
+
+    def release(self) -> None:
+        """Free all buffers."""
+        self._buffers.clear()
+        self._used.clear()
