@@ -35,6 +35,7 @@ from kfac_tn.tensor_network.unfold_gram import (
     unfolded_row_chunks,
     unfolded_rows,
 )
+from kfac_tn.tensor_network.workspace import Workspace
 
 
 def _with_bias(core: Tensor, mean_row: Tensor) -> Tensor:
