@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from kfac_tn.factors.layers import check_approx, check_layer, check_output, layer_groups
 from kfac_tn.tensor_network.block_gram import block_gram
+from kfac_tn.tensor_network.chunking import batch_chunk
 from kfac_tn.tensor_network.workspace import Workspace
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
@@ -130,7 +131,7 @@ def grad_output_factor_blocks(
     if approx == "reduce":
         g = g.sum(1, keepdim=True)
     B, P, GD = g.shape
-    chunk = max(1, min(B, chunk_bytes // max(P * GD * g.element_size(), 1)))
+    chunk = batch_chunk(g, P * GD * g.element_size(), chunk_bytes)
     buffer = None if workspace is None else workspace.take((GD * chunk * P,), g)
     blocks = last = None
     for start in range(0, B, chunk):

@@ -28,6 +28,7 @@ from kfac_tn.factors.layers import (
 )
 from kfac_tn.tensor_network.averaged_unfold import averaged_unfold
 from kfac_tn.tensor_network.block_gram import block_gram
+from kfac_tn.tensor_network.chunking import batch_chunk
 from kfac_tn.tensor_network.geometry import ConvDim
 from kfac_tn.tensor_network.kfc import kfc_factor
 from kfac_tn.tensor_network.unfold_gram import (
@@ -86,7 +87,7 @@ def _conv_setup(layer: nn.Module, x: Tensor, group_average: bool) -> tuple[Tenso
 def _averaged_unfold_of_square(x: Tensor, dims: tuple[ConvDim, ...], chunk_bytes: int = 2**20) -> Tensor:
     """``Σ_n ū(x²)[n]`` ``[G·C·K..]``, squaring batch chunks into one small reused buffer."""
     per_sample = x[0].numel() * x.element_size()
-    chunk = max(1, min(x.shape[0], chunk_bytes // max(per_sample, 1)))
+    chunk = batch_chunk(x, per_sample, chunk_bytes)
     buffer = x.new_empty((chunk,) + tuple(x.shape[1:]))
     total = None
     for start in range(0, x.shape[0], chunk):

@@ -5,8 +5,8 @@ exactly; they differ in cost. :mod:`shift_gram` needs a channel Gram per distinc
 (phase, offset) of tap pairs and wins when tap windows overlap and there are many
 channels (stride-1 3×3 convolutions); :mod:`unfold_gram` writes the unfolded input of a
 batch chunk and does one GEMM, which wins for few channels or non-overlapping taps
-(stems, patchify). The choice uses a simple cost model of copied elements and
-multiply-adds.
+(stems, patchify). On a CPU the choice uses a simple cost model of copied elements and
+multiply-adds; on accelerators the unfold route (few large GEMMs) is taken.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def kfc_factor(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, method: str 
         raise ValueError(f"Unknown KFC method {method!r}; use one of {METHODS}.")
     dims = tuple(dims)
     if method == "auto":
-        method = choose_kfc_method(dims, x.shape[1] // groups, groups)
+        # accelerators: one large GEMM per chunk beats many thin shift Grams (measured on
+        # an H200: 3x3 conv, 64 channels, 56x56, batch 32: 18 ms shift vs 2.3 ms unfold)
+        on_cpu = x.device.type == "cpu"
+        method = choose_kfc_method(dims, x.shape[1] // groups, groups) if on_cpu else "unfold"
     if method == "shift":
         return shift_gram_kfc(x, dims, groups)
     return unfold_gram_kfc(x, dims, groups)

@@ -23,6 +23,7 @@ from math import prod
 import torch
 from torch import Tensor
 
+from kfac_tn.tensor_network.chunking import batch_chunk
 from kfac_tn.tensor_network.geometry import ConvDim
 
 
@@ -224,7 +225,7 @@ def shift_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_by
             cover.append(inside)
     factor = x.new_zeros((groups, C) + kernel + (C,) + kernel)
     per_sample = x[0].numel() * x.element_size()
-    chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
+    chunk = batch_chunk(x, per_sample, chunk_bytes)
     # workspaces reused for every box: no allocation (and no page faults) per box
     largest = max((_box_numel(box) for group in plan for box in group.boxes), default=0)
     x_cl = x.new_empty((chunk,) + tuple(x.shape[2:]) + (GC,))

@@ -17,6 +17,7 @@ from math import prod
 import torch
 from torch import Tensor
 
+from kfac_tn.tensor_network.chunking import batch_chunk
 from kfac_tn.tensor_network.geometry import ConvDim
 from kfac_tn.tensor_network.workspace import Workspace
 
@@ -87,7 +88,7 @@ def unfolded_chunks(
     kernel = tuple(d.kernel_size for d in dims)
     K = prod(kernel)
     per_sample = prod(out_sizes) * GC * K * x.element_size()
-    chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
+    chunk = batch_chunk(x, per_sample, chunk_bytes)
     buffer = x.new_empty((groups, chunk) + out_sizes + kernel + (C,))
     copies = tap_copies(dims)
     complete = _covers_output(dims)
@@ -123,7 +124,7 @@ def unfolded_feature_chunks(
     out_sizes = tuple(d.output_size for d in dims)
     kernel = tuple(d.kernel_size for d in dims)
     per_sample = prod(out_sizes) * GC * prod(kernel) * x.element_size()
-    chunk = max(1, min(N, chunk_bytes // max(per_sample, 1)))
+    chunk = batch_chunk(x, per_sample, chunk_bytes)
     shape = (groups, C) + kernel + (chunk,) + out_sizes
     if workspace is None:
         buffer = x.new_zeros(shape)
