@@ -35,6 +35,20 @@ def _per_position(layer: nn.Module, grad_output: Tensor) -> Tensor:
     return grad_output.flatten(2).transpose(1, 2)
 
 
+def _summands(
+    layer: nn.Module, grad_output: Tensor, approx: str, loss_average: str | None, group_average: bool
+) -> tuple[Tensor, int, float]:
+    """``(g, G, c)``: ``g`` ``[B, P, G·D]`` per position (reduce: P = 1, summed over
+    positions), the number of blocks ``G`` and the loss-average scale ``c``."""
+    _check(layer, grad_output, approx, loss_average)
+    G = 1 if group_average else layer_groups(layer)
+    g = _per_position(layer, grad_output)  # [B, P, G·D]
+    scale = _scale(loss_average, g.shape[0], g.shape[1])
+    if approx == "reduce":
+        g = g.sum(1, keepdim=True)
+    return g, G, scale
+
+
 def grad_output_rows(
     layer: nn.Module,
     grad_output: Tensor,
@@ -49,12 +63,7 @@ def grad_output_rows(
     :func:`grad_output_factor`. ``group_average=True`` keeps all output channels in
     one block (singd's convention for grouped convolutions).
     """
-    _check(layer, grad_output, approx, loss_average)
-    G = 1 if group_average else layer_groups(layer)
-    g = _per_position(layer, grad_output)  # [B, P, G·D]
-    scale = _scale(loss_average, g.shape[0], g.shape[1])
-    if approx == "reduce":
-        g = g.sum(1, keepdim=True)
+    g, G, scale = _summands(layer, grad_output, approx, loss_average, group_average)
     g = g.flatten(0, 1).unflatten(1, (G, -1)).transpose(0, 1)  # [G, R, D]
     return g * sqrt(scale)
 
@@ -124,12 +133,7 @@ def grad_output_factor_blocks(
         ``(blocks, last)`` in singd's block-diagonal layout: ``[G, D // block, block,
         block]`` and ``[G, D mod block, D mod block]``.
     """
-    _check(layer, grad_output, approx, loss_average)
-    G = 1 if group_average else layer_groups(layer)
-    g = _per_position(layer, grad_output)  # [B, P, G·D]
-    scale = _scale(loss_average, g.shape[0], g.shape[1])
-    if approx == "reduce":
-        g = g.sum(1, keepdim=True)
+    g, G, scale = _summands(layer, grad_output, approx, loss_average, group_average)
     B, P, GD = g.shape
     chunk = batch_chunk(g, P * GD * g.element_size(), chunk_bytes)
     buffer = None if workspace is None else workspace.take((GD * chunk * P,), g)
