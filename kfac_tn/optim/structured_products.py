@@ -130,7 +130,8 @@ def _block_tensors(M: BlockDiagonalMatrixTemplate, transpose: bool) -> tuple[Ten
 def stock_projector(M: StructuredMatrix) -> Tensor | StructuredMatrix:
     """``P`` with ``P @ X`` equal to singd's ``M @ M.rmatmat(X)``.
 
-    Dense: the tensor ``M Mᵀ`` (lower triangle only). Block-diagonal: ``M M`` per block
+    Dense: the tensor ``M Mᵀ`` (its lower block triangle multiplied, then mirrored).
+    Block-diagonal: ``M M`` per block
     (see :func:`rmatmat_transposes`), as small as ``M`` itself.
     """
     if isinstance(M, BlockDiagonalMatrixTemplate):
