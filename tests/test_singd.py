@@ -90,34 +90,36 @@ class _Split(nn.Module):
         return torch.cat([p(xg) for p, xg in zip(self.parts, x.chunk(len(self.parts), 1))], 1)
 
 
+@pytest.mark.parametrize("structure", ["dense", "block30diagonal"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
-def test_grouped_exact_equals_split_layers(approx):
+def test_grouped_exact_equals_split_layers(approx, structure):
     torch.manual_seed(0)
-    grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    grouped = nn.Conv2d(8, 6, 3, padding=1, groups=2).double()  # d = 37 per group: a full 30-block too
     head = nn.Linear(6 * 25, 5).double()
     split = _Split(grouped).double()
     head2 = nn.Linear(6 * 25, 5).double()
     head2.load_state_dict(head.state_dict())
     m1 = nn.Sequential(grouped, nn.Flatten(), head)
     m2 = nn.Sequential(split, nn.Flatten(), head2)
-    X, y = _data((4, 4, 5, 5))
+    X, y = _data((4, 8, 5, 5))
     data = (X.double(), y)
-    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, kfac_approx=approx)
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, kfac_approx=approx, structures=(structure, structure))
     _train(m1, kfac_tn.SINGD(m1, **kwargs), data, 3)
     _train(m2, kfac_tn.SINGD(m2, **kwargs), data, 3)
     torch.testing.assert_close(grouped.weight, torch.cat([p.weight for p in split.parts]))
     torch.testing.assert_close(grouped.bias, torch.cat([p.bias for p in split.parts]))
 
 
+@pytest.mark.parametrize("structure", ["dense", "block30diagonal"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
-def test_conv1d_and_conv3d_equal_stock_on_equivalent_conv2d(approx):
+def test_conv1d_and_conv3d_equal_stock_on_equivalent_conv2d(approx, structure):
     """Conv1d(K) on [N, C, L] ≡ Conv2d((1, K)) on [N, C, 1, L]; Conv3d((1, k, k)) likewise."""
-    X, y = _data((4, 3, 1, 6, 6))
-    cases = [
-        (nn.Conv1d(3, 4, 3, padding=1), nn.Conv2d(3, 4, (1, 3), padding=(0, 1)), X[:, :, 0, 0], X[:, :, 0, :1]),
-        (nn.Conv3d(3, 4, (1, 3, 3)), nn.Conv2d(3, 4, 3), X, X[:, :, 0]),
+    X, y = _data((4, 4, 1, 6, 6))
+    cases = [  # the Conv3d has d = 37: one full 30-block and a last block
+        (nn.Conv1d(4, 4, 3, padding=1), nn.Conv2d(4, 4, (1, 3), padding=(0, 1)), X[:, :, 0, 0], X[:, :, 0, :1]),
+        (nn.Conv3d(4, 4, (1, 3, 3)), nn.Conv2d(4, 4, 3), X, X[:, :, 0]),
     ]
-    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, kfac_approx=approx)
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, kfac_approx=approx, structures=(structure, structure))
     for ours_layer, ref_layer, x_ours, x_ref in cases:
         ref_layer.weight.data.copy_(ours_layer.weight.data.reshape(ref_layer.weight.shape))
         ref_layer.bias.data.copy_(ours_layer.bias.data)
