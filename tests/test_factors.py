@@ -214,3 +214,12 @@ def test_linear_factor_blocks(approx, bias):
         got = kfac_tn.factors.grad_output_factor_blocks(layer, g, block, approx)
         for ours, ref in zip(got, _diagonal_blocks(kfac_tn.grad_output_factor(layer, g, approx), block)):
             torch.testing.assert_close(ours, ref)
+
+
+def test_factor_blocks_reject_a_bad_block_size():
+    layer, x = nn.Conv2d(2, 3, 3), torch.randn(2, 2, 5, 5)
+    for block in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="block must be a positive integer"):
+            kfac_tn.factors.input_factor_blocks(layer, x, block)
+        with pytest.raises(ValueError, match="block must be a positive integer"):
+            kfac_tn.factors.grad_output_factor_blocks(layer, torch.randn(2, 3, 3, 3), block)

@@ -27,8 +27,10 @@ def block_gram(X: Tensor, block: int, ones_row: bool = False) -> tuple[Tensor, T
     Returns:
         ``(blocks, last)``: ``[G, d // B, B, B]`` and ``[G, d mod B, d mod B]``.
     """
-    if block < 1:
-        raise ValueError(f"block must be a positive integer, got {block}.")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}.")
+    if X.dim() != 3:
+        raise ValueError(f"X must be [groups, features, samples], got shape {tuple(X.shape)}.")
     G, D, M = X.shape
     inside = D // block  # full blocks that do not reach the ones row
     blocks = X.new_empty(G, inside, block, block)
