@@ -58,6 +58,6 @@ class SymmetricSum:
     def _device(self) -> torch.device:
         return (self.dense if self.dense is not None else self.factors[0]).device
 
-    def is_finite(self) -> bool:
-        parts = self.factors + ([self.dense] if self.dense is not None else [])
-        return all(bool(torch.isfinite(t.sum())) for t in parts)
+    def tensors(self) -> list[Tensor]:
+        """The thin factors and the dense part, if any."""
+        return self.factors + ([self.dense] if self.dense is not None else [])

@@ -306,7 +306,7 @@ class SINGD(StockSINGD):
                 "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
                 "is left unchanged.", stacklevel=2)
             return
-        if not all(_is_finite(H) for H in H_Ks + H_Cs):
+        if not _all_finite(H_Ks + H_Cs):
             warn(
                 f"Non-finite curvature statistics in layer {name!r} at step {self.steps}; skipping "
                 "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
@@ -682,11 +682,16 @@ def _same_block_structure(Ms: list[StructuredMatrix]) -> bool:
     return all(isinstance(M, BlockDiagonalMatrixTemplate) for M in Ms) and len({M.BLOCK_DIM for M in Ms}) == 1
 
 
-def _is_finite(H) -> bool:
-    """One reduction per tensor: a sum is finite iff no entry is inf/NaN (barring overflow)."""
-    if isinstance(H, SymmetricSum):
-        return H.is_finite()
-    return all(bool(torch.isfinite(t.sum())) for _, t in H.named_tensors())
+def _all_finite(Hs: list) -> bool:
+    """Whether statistics hold no inf/NaN: one reduction per tensor, one host sync in all.
+
+    A sum is finite iff no entry is inf/NaN (barring overflow).
+    """
+    sums = []
+    for H in Hs:
+        tensors = H.tensors() if isinstance(H, SymmetricSum) else [t for _, t in H.named_tensors()]
+        sums.extend(t.sum().float() for t in tensors if t.numel())
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def _validate_hyperparameters(
