@@ -37,3 +37,14 @@ def test_feature_chunks_from_a_dirty_workspace_keep_padding_zero():
     ws.reset()
     reused = torch.cat([u.clone() for u in unfolded_feature_chunks(xp, dims, chunk_bytes=64, workspace=ws)], dim=-1)
     assert torch.equal(reused, fresh)
+
+
+def test_first_buffer_after_release_has_the_previous_peak_size():
+    ws = Workspace()
+    like = torch.zeros(1)
+    ws.take((10,), like)
+    ws.take((30,), like)  # grows: 40 in use at the peak
+    ws.release()
+    first = ws.take((5,), like)
+    second = ws.take((35,), like)  # fits in the same, full-size buffer
+    assert second.data_ptr() == first.data_ptr() + 5 * first.element_size()

@@ -6,6 +6,8 @@ hands out views of one flat buffer per device and dtype, front to back; :meth:`r
 makes the whole buffer available again (previously handed-out views must be dead by
 then), :meth:`release` frees it. A request that does not fit gets a fresh buffer large
 enough for everything handed out since the last reset, which the next reset adopts.
+The largest amount ever in use is remembered across :meth:`release`, so that the first
+buffer after a release is allocated (and its pages faulted in) once, at full size.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._used: dict[tuple[torch.device, torch.dtype], int] = {}
+        self._high_water: dict[tuple[torch.device, torch.dtype], int] = {}
 
     def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """An uninitialized contiguous tensor of ``shape`` with ``like``'s device and dtype."""
@@ -31,9 +34,10 @@ class Workspace:
         buffer = self._buffers.get(key)
         if buffer is None or used + numel > buffer.numel():
             # keep handed-out views valid: a new, larger buffer for this and later requests
-            buffer = like.new_empty(used + numel)
+            buffer = like.new_empty(max(used + numel, self._high_water.get(key, 0)))
             self._buffers[key] = buffer
         self._used[key] = used + numel
+        self._high_water[key] = max(self._high_water.get(key, 0), used + numel)
         return buffer[used : used + numel].view(shape)
 
     def reset(self) -> None:
@@ -41,6 +45,6 @@ class Workspace:
         self._used.clear()
 
     def release(self) -> None:
-        """Free all buffers."""
+        """Free all buffers (their high-water marks are kept)."""
         self._buffers.clear()
         self._used.clear()
