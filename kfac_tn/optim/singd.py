@@ -154,8 +154,10 @@ class SINGD(StockSINGD):
         fraction("update_worker_fraction", update_worker_fraction)
         self.update_worker_fraction = float(update_worker_fraction)
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
-        # scratch for block-diagonal statistics and natural gradients; freed after each step
-        self._workspace = Workspace()
+        # scratch memory, freed after each step: one for the statistics (backward pass,
+        # when activations are alive: kept small), one for step()'s products
+        self._stats_workspace = Workspace()
+        self._step_workspace = Workspace()
         self._in_flight: list = []
         super().__init__(
             model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
@@ -221,8 +223,10 @@ class SINGD(StockSINGD):
             diag = input_factor_diagonal(module, x, approx, ga)  # [G, d]
             return [K.from_inner(X=d.clamp_min(0).sqrt().unsqueeze(1)) for K, d in zip(Ks, diag)]
         if _same_block_structure(Ks):
-            self._workspace.reset()
-            blocks, last = input_factor_blocks(module, x, Ks[0].BLOCK_DIM, approx, ga, workspace=self._workspace)
+            self._stats_workspace.reset()
+            blocks, last = input_factor_blocks(
+                module, x, Ks[0].BLOCK_DIM, approx, ga, workspace=self._stats_workspace
+            )
             return [block_sandwich(K, b, r) for K, b, r in zip(Ks, blocks, last)]
         dim_K = block_dims(module, ga)[0]
         rows_count = x.shape[0] if approx == "reduce" else x.shape[0] * num_positions(module, x)
@@ -245,9 +249,9 @@ class SINGD(StockSINGD):
             diag = grad_output_factor_diagonal(module, g, approx, loss_average, ga)  # [G, D]
             return [C.from_inner(X=d.sqrt().unsqueeze(1)) for C, d in zip(Cs, diag)]
         if _same_block_structure(Cs):
-            self._workspace.reset()
+            self._stats_workspace.reset()
             blocks, last = grad_output_factor_blocks(
-                module, g, Cs[0].BLOCK_DIM, approx, loss_average, ga, workspace=self._workspace
+                module, g, Cs[0].BLOCK_DIM, approx, loss_average, ga, workspace=self._stats_workspace
             )
             return [block_sandwich(C, b, r) for C, b, r in zip(Cs, blocks, last)]
         rows = grad_output_rows(module, g, approx, loss_average, ga)  # [G, R, D]
@@ -321,6 +325,7 @@ class SINGD(StockSINGD):
         lr_cov = self._get_param_group_entry(module, "lr_cov")
         beta1 = lr_cov(self.steps) if callable(lr_cov) else lr_cov
         for b, (K, C, H_K, H_C) in enumerate(zip(self.Ks[name], self.Cs[name], H_Ks, H_Cs)):
+            self._step_workspace.reset()
             tr_KK, tr_CC = _average_trace_inner(K), _average_trace_inner(C)
             tr_HK, tr_HC = H_K.average_trace(), H_C.average_trace()
             m_K = self.m_Ks[name][b] if alpha1 != 0.0 else None
@@ -329,13 +334,13 @@ class SINGD(StockSINGD):
                 K, H_K, m_K,
                 a_H=1.0 if kfac_like else grad_unscaling * tr_HC,
                 a_MM=damping * (1.0 if kfac_like else tr_CC),
-                scale=scale, alpha1=alpha1, beta=beta1, normalize=normalize,
+                scale=scale, alpha1=alpha1, beta=beta1, normalize=normalize, workspace=self._step_workspace,
             )
             new_m_C = _riemannian_step(
                 C, H_C, m_C,
                 a_H=grad_unscaling if kfac_like else grad_unscaling * tr_HK,
                 a_MM=damping * (1.0 if kfac_like else tr_KK),
-                scale=scale, alpha1=alpha1, beta=beta1, normalize=normalize,
+                scale=scale, alpha1=alpha1, beta=beta1, normalize=normalize, workspace=self._step_workspace,
             )
             if alpha1 != 0.0:
                 self.m_Ks[name][b], self.m_Cs[name][b] = new_m_K, new_m_C
@@ -387,9 +392,9 @@ class SINGD(StockSINGD):
         T = self._get_param_group_entry(module, "T")
         dim_K, dim_C = block_dims(module, self._group_average)
         dtype_K, dtype_C = self._get_param_group_entry(module, "preconditioner_dtype")
-        # block-diagonal products write into the workspace: the results live until the
-        # next layer's natural gradient (the caller applies them before asking for it)
-        ws = self._workspace
+        # dense and block-diagonal products write into the workspace: the results live
+        # until the next layer's natural gradient (the caller applies them before asking)
+        ws = self._step_workspace
         ws.reset()
         out = []
         for b, grad in enumerate(grads):
@@ -406,16 +411,17 @@ class SINGD(StockSINGD):
                 out.append(nat.to(grad.dtype))
                 continue
             # stock: (K @ K.rmatmat(gᵀ))ᵀ, then C @ C.rmatmat(·); same products, batched
+            # (dense caches are symmetric tensors, block-diagonal ones K K per block)
             if KKT is None:
                 nat = right_multiply(g, K, not rmatmat_transposes(K), ws)
                 nat = right_multiply(nat, K, True, ws)
             else:
-                nat = g @ KKT if isinstance(KKT, Tensor) else right_multiply(g, KKT, True, ws)
+                nat = right_multiply(g, KKT, True, ws)
             nat = nat.to(dtype_C) if dtype_C is not None else nat
             if CCT is None:
                 nat = left_multiply(C, left_multiply(C, nat, rmatmat_transposes(C), ws), False, ws)
             else:
-                nat = CCT @ nat if isinstance(CCT, Tensor) else left_multiply(CCT, nat, False, ws)
+                nat = left_multiply(CCT, nat, False, ws)
             out.append(nat.to(grad.dtype))
         if is_distributed():
             loss_average = self._get_param_group_entry(module, "loss_average")
@@ -445,7 +451,8 @@ class SINGD(StockSINGD):
         try:
             super().step(closure)
         finally:
-            self._workspace.release()
+            self._stats_workspace.release()
+            self._step_workspace.release()
             if own_check:
                 del self.found_inf
 
@@ -570,7 +577,7 @@ def _average_trace_inner(M: StructuredMatrix) -> Tensor:
 
 def _riemannian_step(
     M: StructuredMatrix, H, m_old: StructuredMatrix | None, *, a_H, a_MM, scale: float,
-    alpha1: float, beta: float, normalize: bool,
+    alpha1: float, beta: float, normalize: bool, workspace: Workspace | None = None,
 ) -> StructuredMatrix:
     """``m = scale·(a_H·H + a_MM·MᵀM − I) + alpha1·m_old``; ``M ← M − β·M m``. Returns m.
 
@@ -590,7 +597,7 @@ def _riemannian_step(
         new_m = m_old if m_old is not None else DenseMatrix(buf)
         if normalize:
             beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
-        right_multiply_update_(mat, buf, beta)
+        right_multiply_update_(mat, buf, beta, workspace=workspace)
         return new_m
     if isinstance(M, BlockDiagonalMatrixTemplate) and type(H) is type(M):
         return _block_riemannian_step(M, H, m_old, a_H=a_H, a_MM=a_MM, scale=scale, alpha1=alpha1,

@@ -57,11 +57,20 @@ def symmetric_addmm_(target: Tensor, left: Tensor, right: Tensor, alpha: float, 
     return target
 
 
-def right_multiply_update_(M: Tensor, update: Tensor, beta: float, rows: int = 1024) -> Tensor:
-    """``M ← M − beta · M @ update`` in place, a block of rows at a time (small temporaries)."""
+def right_multiply_update_(
+    M: Tensor, update: Tensor, beta: float, rows: int = 1024, workspace: Workspace | None = None
+) -> Tensor:
+    """``M ← M − beta · M @ update`` in place, a block of rows at a time.
+
+    One ``rows × d`` temporary (from ``workspace`` if given) serves every block.
+    """
+    rows = min(rows, M.shape[0])
+    shape = (rows, update.shape[1])
+    temp = M.new_empty(shape) if workspace is None else workspace.take(shape, M)
     for start in range(0, M.shape[0], rows):
         block = M[start : start + rows]
-        block.sub_(block @ update, alpha=beta)
+        product = torch.mm(block, update, out=temp[: block.shape[0]])
+        block.sub_(product, alpha=beta)
     return M
 
 
@@ -141,12 +150,18 @@ def stock_projector(M: StructuredMatrix) -> Tensor | StructuredMatrix:
 
 
 def left_multiply(
-    M: StructuredMatrix, X: Tensor, transpose: bool = False, workspace: Workspace | None = None
+    M: StructuredMatrix | Tensor, X: Tensor, transpose: bool = False, workspace: Workspace | None = None
 ) -> Tensor:
     """``M @ X`` (``Mᵀ @ X`` if ``transpose``) for ``X`` ``[d, c]``.
 
-    Block-diagonal M: one batched GEMM; the result is taken from ``workspace`` if given.
+    Dense M: one GEMM; block-diagonal M: one batched GEMM. Their result is taken from
+    ``workspace`` if given.
     """
+    if isinstance(M, DenseMatrix) or isinstance(M, Tensor):
+        mat = M if isinstance(M, Tensor) else M.to_dense()
+        mat = mat.T if transpose else mat
+        out = X.new_empty(mat.shape[0], X.shape[1]) if workspace is None else workspace.take((mat.shape[0], X.shape[1]), X)
+        return torch.mm(mat, X, out=out)
     if not isinstance(M, BlockDiagonalMatrixTemplate):
         return M.rmatmat(X) if transpose else M @ X
     blocks, last = _block_tensors(M, transpose)
@@ -160,14 +175,19 @@ def left_multiply(
 
 
 def right_multiply(
-    X: Tensor, M: StructuredMatrix, transpose: bool = False, workspace: Workspace | None = None
+    X: Tensor, M: StructuredMatrix | Tensor, transpose: bool = False, workspace: Workspace | None = None
 ) -> Tensor:
     """``X @ M`` (``X @ Mᵀ`` if ``transpose``) for ``X`` ``[r, d]``.
 
-    Block-diagonal M: one batched GEMM over the column blocks of X (into a block-major
-    temporary, then copied into place); result and temporary come from ``workspace`` if
-    given.
+    Dense M: one GEMM. Block-diagonal M: one batched GEMM over the column blocks of X
+    (into a block-major temporary, then copied into place). Result and temporary come
+    from ``workspace`` if given.
     """
+    if isinstance(M, DenseMatrix) or isinstance(M, Tensor):
+        mat = M if isinstance(M, Tensor) else M.to_dense()
+        mat = mat.T if transpose else mat
+        out = X.new_empty(X.shape[0], mat.shape[1]) if workspace is None else workspace.take((X.shape[0], mat.shape[1]), X)
+        return torch.mm(X, mat, out=out)
     if not isinstance(M, BlockDiagonalMatrixTemplate):
         return (M @ X.T).T if transpose else M.rmatmat(X.T).T
     blocks, last = _block_tensors(M, transpose)
