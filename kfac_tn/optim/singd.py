@@ -407,7 +407,7 @@ class SINGD(StockSINGD):
             if isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix):
                 # C Cᵀ G K Kᵀ = diag(c²) G diag(k²): two passes instead of four products
                 k2, c2 = _diagonal(K).square(), _diagonal(C).square()
-                nat = g.mul(k2).to(dtype_C or g.dtype).mul_(c2.unsqueeze(1))
+                nat = torch.mul(g, k2, out=ws.take(tuple(g.shape), g)).to(dtype_C or g.dtype).mul_(c2.unsqueeze(1))
                 out.append(nat.to(grad.dtype))
                 continue
             # stock: (K @ K.rmatmat(gᵀ))ᵀ, then C @ C.rmatmat(·); same products, batched
