@@ -31,7 +31,7 @@ from experiments.reporting import write_rows  # noqa: E402
 TOP_KEYS = {
     "models": list, "batch_size": int, "image_size": int, "num_classes": int, "warmup": int,
     "steps": int, "threads": int, "device": str, "seed": int, "common": dict, "runs": list,
-    "out": str,
+    "out": str, "repeats": int,
 }
 RUN_KEYS = {
     "optimizer": str, "label": str, "steps": int, "lr": (int, float), "momentum": (int, float),
@@ -147,21 +147,39 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
 
 
 def run_all(config: dict, config_path: str, overrides: list[str]) -> list[dict]:
+    """Every run in a fresh process; with ``repeats: R`` the whole list R times, round
+    robin (so that slow phases of the machine hit all runs alike), reporting per run the
+    median over the repeats of each figure (``mean_s_runs`` keeps every repeat's mean)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    rows = []
-    for model_name in config["models"]:
-        for index, run in enumerate(config["runs"]):
-            cmd = [sys.executable, __file__, "--config", config_path, "--worker", model_name, str(index), *overrides]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            if proc.returncode:
-                print(f"{model_name} / {_label(run)} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"{model_name:9s} {row['optimizer']:40s} median {row['median_s']:7.3f} s  mean "
-                  f"{row['mean_s']:7.3f} s  peak +{row['peak_extra_mib']:8.1f} MiB  state {row['state_mib']:7.1f} MiB",
-                  flush=True)
-    return rows
+    repeats = config.get("repeats", 1)
+    if repeats < 1:
+        raise ConfigError(f"config.repeats must be at least 1, got {repeats}.")
+    samples: dict[tuple[str, int], list[dict]] = {}
+    for repeat in range(repeats):
+        for model_name in config["models"]:
+            for index, run in enumerate(config["runs"]):
+                cmd = [sys.executable, __file__, "--config", config_path, "--worker", model_name, str(index), *overrides]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+                if proc.returncode:
+                    print(f"{model_name} / {_label(run)} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                samples.setdefault((model_name, index), []).append(row)
+                print(f"{model_name:9s} {row['optimizer']:40s} median {row['median_s']:7.3f} s  mean "
+                      f"{row['mean_s']:7.3f} s  peak +{row['peak_extra_mib']:8.1f} MiB  state "
+                      f"{row['state_mib']:7.1f} MiB" + (f"  (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""),
+                      flush=True)
+    return [_combine(samples[key]) for key in sorted(samples, key=lambda k: (config["models"].index(k[0]), k[1]))]
+
+
+def _combine(rows: list[dict]) -> dict:
+    """One row: the median over repeats of every figure, and every repeat's mean."""
+    out = dict(rows[0])
+    for key in ("median_s", "mean_s", "peak_extra_mib", "state_mib"):
+        out[key] = statistics.median(r[key] for r in rows)
+    out["repeats"] = len(rows)
+    out["mean_s_runs"] = [r["mean_s"] for r in rows]
+    return out
 
 
 def report(rows: list[dict], out: Path) -> None:
@@ -172,6 +190,9 @@ def report(rows: list[dict], out: Path) -> None:
         r["memory_ratio"] = r["peak_extra_mib"] / ref["peak_extra_mib"] if ref and ref["peak_extra_mib"] > 0 else None
         r["extra_over_sgd_mib"] = r["peak_extra_mib"] - ref["peak_extra_mib"] if ref else None
     write_rows(rows, out)
+    repeats = max(r.get("repeats", 1) for r in rows)
+    if repeats > 1:
+        print(f"\nEach figure: median over {repeats} repeats (round robin, fresh processes).")
     print("\n| net | optimizer | median [s] | per-iteration (mean) [s] | peak extra memory [MiB] | above SGD [MiB] | state [MiB] |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,5 +1,6 @@
 """End-to-end checks of the experiment scripts on tiny models and data."""
 
+import json
 import pickle
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def test_digits_data_ships_with_scikit_learn():
 def test_compare_runs_in_fresh_processes(tmp_path):
     config = tmp_path / "compare.yaml"
     config.write_text(
-        "models: [small_cnn]\nbatch_size: 4\nwarmup: 1\nsteps: 2\n"
+        "models: [small_cnn]\nbatch_size: 4\nwarmup: 1\nsteps: 2\nrepeats: 2\n"
         "common: {lr: 0.01}\n"
         "runs:\n  - {optimizer: sgd}\n  - {optimizer: singd_tn, T: 1, structures: [diagonal, dense]}\n"
     )
@@ -102,6 +103,9 @@ def test_compare_runs_in_fresh_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| small_cnn | singd_tn" in proc.stdout
     assert out.with_suffix(".csv").is_file() and out.with_suffix(".png").is_file()
+    rows = json.loads(out.with_suffix(".json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert [r["repeats"] for r in rows] == [2, 2] and all(len(r["mean_s_runs"]) == 2 for r in rows)
 
 
 def test_compare_config_errors(tmp_path):
