@@ -66,8 +66,7 @@ def right_multiply_update_(
     One ``rows × d`` temporary (from ``workspace`` if given) serves every block.
     """
     rows = min(rows, M.shape[0])
-    shape = (rows, update.shape[1])
-    temp = M.new_empty(shape) if workspace is None else workspace.take(shape, M)
+    temp = _scratch((rows, update.shape[1]), M, workspace)
     for start in range(0, M.shape[0], rows):
         block = M[start : start + rows]
         product = torch.mm(block, update, out=temp[: block.shape[0]])
@@ -150,6 +149,16 @@ def stock_projector(M: StructuredMatrix) -> Tensor | StructuredMatrix:
     return outer_dense(M)
 
 
+def _dense(M: DenseMatrix | Tensor, transpose: bool) -> Tensor:
+    mat = M if isinstance(M, Tensor) else M.to_dense()
+    return mat.T if transpose else mat
+
+
+def _scratch(shape: tuple[int, ...], like: Tensor, workspace: Workspace | None) -> Tensor:
+    """An uninitialized tensor like ``like``, from ``workspace`` if given."""
+    return like.new_empty(shape) if workspace is None else workspace.take(shape, like)
+
+
 def left_multiply(
     M: StructuredMatrix | Tensor, X: Tensor, transpose: bool = False, workspace: Workspace | None = None
 ) -> Tensor:
@@ -158,16 +167,14 @@ def left_multiply(
     Dense M: one GEMM; block-diagonal M: one batched GEMM. Their result is taken from
     ``workspace`` if given.
     """
-    if isinstance(M, DenseMatrix) or isinstance(M, Tensor):
-        mat = M if isinstance(M, Tensor) else M.to_dense()
-        mat = mat.T if transpose else mat
-        out = X.new_empty(mat.shape[0], X.shape[1]) if workspace is None else workspace.take((mat.shape[0], X.shape[1]), X)
-        return torch.mm(mat, X, out=out)
+    if isinstance(M, (DenseMatrix, Tensor)):
+        mat = _dense(M, transpose)
+        return torch.mm(mat, X, out=_scratch((mat.shape[0], X.shape[1]), X, workspace))
     if not isinstance(M, BlockDiagonalMatrixTemplate):
         return M.rmatmat(X) if transpose else M @ X
     blocks, last = _block_tensors(M, transpose)
     n = blocks.shape[0] * blocks.shape[1]
-    out = X.new_empty(X.shape) if workspace is None else workspace.take(tuple(X.shape), X)
+    out = _scratch(tuple(X.shape), X, workspace)
     if n:
         torch.bmm(blocks, X[:n].unflatten(0, blocks.shape[:2]), out=out[:n].unflatten(0, blocks.shape[:2]))
     if last.numel():
@@ -184,20 +191,17 @@ def right_multiply(
     (into a block-major temporary, then copied into place). Result and temporary come
     from ``workspace`` if given.
     """
-    if isinstance(M, DenseMatrix) or isinstance(M, Tensor):
-        mat = M if isinstance(M, Tensor) else M.to_dense()
-        mat = mat.T if transpose else mat
-        out = X.new_empty(X.shape[0], mat.shape[1]) if workspace is None else workspace.take((X.shape[0], mat.shape[1]), X)
-        return torch.mm(X, mat, out=out)
+    if isinstance(M, (DenseMatrix, Tensor)):
+        mat = _dense(M, transpose)
+        return torch.mm(X, mat, out=_scratch((X.shape[0], mat.shape[1]), X, workspace))
     if not isinstance(M, BlockDiagonalMatrixTemplate):
         return (M @ X.T).T if transpose else M.rmatmat(X.T).T
     blocks, last = _block_tensors(M, transpose)
     nb, B = blocks.shape[:2]
     n, r = nb * B, X.shape[0]
-    take = (lambda shape: X.new_empty(shape)) if workspace is None else (lambda shape: workspace.take(shape, X))
-    out = take(tuple(X.shape))
+    out = _scratch(tuple(X.shape), X, workspace)
     if n:
-        product = take((nb, r, B))
+        product = _scratch((nb, r, B), X, workspace)
         torch.bmm(X[:, :n].unflatten(1, (nb, B)).transpose(0, 1), blocks, out=product)
         out[:, :n].unflatten(1, (nb, B)).copy_(product.transpose(0, 1))
     if last.numel():
