@@ -53,7 +53,7 @@ from kfac_tn.factors import (
     input_row_chunks,
     input_rows,
 )
-from kfac_tn.factors.layers import num_positions
+from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, num_positions
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
     all_reduce_flat_async,
@@ -62,6 +62,9 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     worker_groups,
 )
+from kfac_tn.optim.deferred import DeferredFlags
+from kfac_tn.optim.diagonal_bank import DiagonalBank
+from kfac_tn.optim.parameter_update import apply_updates_
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.structured_products import (
     block_sandwich,
@@ -159,6 +162,9 @@ class SINGD(StockSINGD):
         self._stats_workspace = Workspace()
         self._step_workspace = Workspace()
         self._in_flight: list = []
+        self._banks: dict[int, DiagonalBank] = {}  # param group index -> bank
+        self._bank_of: dict[str, DiagonalBank] = {}
+        self._deferred = DeferredFlags()
         super().__init__(
             model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
             structures, kfac_approx, warn_unsupported, kfac_like, preconditioner_dtype,
@@ -197,19 +203,51 @@ class SINGD(StockSINGD):
 
     def _initialize_buffers(self) -> None:
         self._layouts = {name: (m.weight.device, m.weight.dtype) for m, name in self.module_names.items()}
+        banked: dict[tuple, dict[str, tuple[int, int, int]]] = {}
         for module, name in self.module_names.items():
             dim_K, dim_C = block_dims(module, self._group_average)
             (dtype_K, dtype_C), dev = self._get_preconditioner_dtypes_and_device(module)
             structures = self._get_param_group_entry(module, "structures")
+            G = num_blocks(module, self._group_average)
+            if self._bankable(structures, dtype_K, dtype_C):
+                key = (self.param_to_group_idx[module.weight.data_ptr()], dtype_K, dev)
+                banked.setdefault(key, {})[name] = (G, dim_K, dim_C)
+                continue
             K_cls = self.SUPPORTED_STRUCTURES[structures[0]]
             C_cls = self.SUPPORTED_STRUCTURES[structures[1]]
-            blocks = range(num_blocks(module, self._group_average))
+            blocks = range(G)
             self.Ks[name] = [K_cls.eye(dim_K, dtype=dtype_K, device=dev) for _ in blocks]
             self.Cs[name] = [C_cls.eye(dim_C, dtype=dtype_C, device=dev) for _ in blocks]
             if self._get_param_group_entry(module, "alpha1") != 0.0:
                 self.m_Ks[name] = [K_cls.zeros(dim_K, dtype=dtype_K, device=dev) for _ in blocks]
                 self.m_Cs[name] = [C_cls.zeros(dim_C, dtype=dtype_C, device=dev) for _ in blocks]
             self._cache[name] = {"KKT": [None for _ in blocks], "CCT": [None for _ in blocks]}
+        for (group_idx, dtype, dev), layers in banked.items():
+            momenta = self.param_groups[group_idx]["alpha1"] != 0.0
+            bank = DiagonalBank(layers, dtype, dev, momenta)
+            self._banks[group_idx] = bank
+            for name in layers:
+                self._bank_of[name] = bank
+            self._bind_bank_views(bank)
+        # singd's order of layers in its state (the banks were filled last)
+        order = list(self.module_names.values())
+        for store in (self.Ks, self.Cs, self.m_Ks, self.m_Cs):
+            items = dict(store)
+            store.clear()
+            store.update({name: items[name] for name in order if name in items})
+
+    def _bankable(self, structures, dtype_K: torch.dtype, dtype_C: torch.dtype) -> bool:
+        """Whether a layer's K, C go into a fused :class:`DiagonalBank` (diagonal, one dtype,
+        every rank updates every layer)."""
+        return (tuple(structures) == ("diagonal", "diagonal") and dtype_K == dtype_C
+                and self.update_worker_fraction == 1.0)
+
+    def _bind_bank_views(self, bank: DiagonalBank) -> None:
+        """``Ks, Cs, m_Ks, m_Cs`` of the bank's layers: singd matrices viewing its buffers."""
+        for name in bank.layout:
+            self.Ks[name], self.Cs[name] = bank.matrices(bank.values, name)
+            if bank.momenta is not None:
+                self.m_Ks[name], self.m_Cs[name] = bank.matrices(bank.momenta, name)
 
     def preconditioner_dims(self, module: nn.Module) -> tuple[int, int]:  # type: ignore[override]
         """``(dim_K, dim_C)`` of each of the layer's blocks."""
@@ -271,6 +309,17 @@ class SINGD(StockSINGD):
         a = inputs[0].data.to(stat_K)
         g = grad_output.data.to(stat_C)
         prev_grad_scale = self._get_grad_scale(self.steps - 1)
+        bank = self._bank_of.get(name)
+        if bank is not None:
+            ga = self._group_average
+            bank.add_statistics(
+                name, input_factor_diagonal(module, a, kfac_approx, ga),
+                grad_output_factor_diagonal(module, g, kfac_approx, loss_average, ga),
+                scale_G=1.0 / prev_grad_scale,
+            )
+            if name not in self.H_Ks:
+                self.H_Ks[name], self.H_Cs[name] = bank.matrices(bank.stats, name)
+            return
         if prev_grad_scale != 1.0:
             g = g / sqrt(prev_grad_scale)
         Ks = [_cast(K, stat_K) for K in self.Ks[name]]
@@ -440,11 +489,22 @@ class SINGD(StockSINGD):
 
         A step whose gradients contain inf/NaN is skipped with a warning, exactly as
         with a GradScaler that found infs: parameters, K, C and momenta stay as they
-        are, and the statistics gathered for this step are dropped.
+        are, and the statistics gathered for this step are dropped. When every layer
+        is in a fused bank (diagonal structures) the step needs no host sync: the skip
+        is decided on the device and the warning follows once the flag reached the host.
         """
+        if closure is not None:
+            raise NotImplementedError("Closure not supported.")
         self._finish_reductions()
         for module, name in self.module_names.items():
             check_layout(name, module, self._layouts[name])
+        if self._bank_of and len(self._bank_of) == len(self.module_names):
+            try:
+                self._fused_step()
+            finally:
+                self._stats_workspace.release()
+                self._step_workspace.release()
+            return
         own_check = not hasattr(self, "found_inf") and not self._gradients_finite()
         if own_check:
             self.found_inf = True
@@ -455,6 +515,122 @@ class SINGD(StockSINGD):
             self._step_workspace.release()
             if own_check:
                 del self.found_inf
+
+    def _fused_step(self) -> None:
+        """:meth:`step` without host syncs: fused bank updates, foreach parameter updates."""
+        if self.steps not in self._grad_scales:
+            grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step: its one sync
+            self.set_current_grad_scale(1.0 if grad_scale is None else float(grad_scale))
+        self._deferred.poll()
+        ok = self._gradients_ok(getattr(self, "found_inf", None))
+        if is_distributed():
+            for bank in self._banks.values():
+                all_reduce_flat([bank.stats], dist.ReduceOp.AVG if self._bank_loss_average(bank) else dist.ReduceOp.SUM)
+        for group_idx, bank in self._banks.items():
+            self._update_bank(group_idx, bank, ok)
+        for group_idx, group in enumerate(self.param_groups):
+            params, steps = [], []
+            for module, name in self.module_names.items():
+                if name in self._bank_of and self._bank_of[name] is self._banks.get(group_idx) and module.weight.grad is not None:
+                    for p, nat in self._bank_natural_gradient(module, name):
+                        params.append(p)
+                        steps.append(nat)
+            if not params:
+                continue
+            if is_distributed():
+                all_reduce_flat(steps, dist.ReduceOp.AVG if group["loss_average"] else dist.ReduceOp.SUM)
+            buffers = None
+            if group["momentum"] != 0.0:
+                buffers = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.data)
+                    buffers.append(state["momentum_buffer"])
+            apply_updates_([p.data for p in params], steps, buffers, lr=group["lr"], momentum=group["momentum"],
+                           weight_decay=group["weight_decay"], ok=ok)
+        self._deferred.post(~ok, self._warn_skipped_step)
+        self.steps += 1
+        self._remove_used_grad_scales()
+
+    @staticmethod
+    def _warn_skipped_step(not_ok: bool) -> None:
+        if not_ok:
+            warn("Encountered inf in gradients. Skipping update.", stacklevel=3)
+
+    def _bank_loss_average(self, bank: DiagonalBank):
+        group_idx = next(i for i, b in self._banks.items() if b is bank)
+        return self.param_groups[group_idx]["loss_average"]
+
+    def _gradients_ok(self, found_inf: Tensor | None) -> Tensor:
+        """0-d bool on the device: no inf/NaN in any gradient (and none found by a GradScaler)."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = next(iter(self._banks.values())).device
+        ok = torch.ones((), dtype=torch.bool, device=device)
+        if grads:
+            norms = torch._foreach_norm(grads)
+            ok = torch.isfinite(torch.stack(norms).sum())
+        if found_inf is not None:
+            ok = ok & (found_inf == 0)
+        return ok
+
+    def _update_bank(self, group_idx: int, bank: DiagonalBank, ok: Tensor) -> None:
+        """Update every due layer of one bank at once (see :meth:`DiagonalBank.update_`)."""
+        group = self.param_groups[group_idx]
+        if self.steps % group["T"] != 0:
+            return
+        present = []
+        for name in bank.layout:
+            if self.H_Ks.pop(name, None) is None:
+                warn(
+                    f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
+                    "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
+                    "is left unchanged.", stacklevel=3)
+            else:
+                present.append(name)
+            self.H_Cs.pop(name, None)
+        if present:
+            alpha1, normalize = group["alpha1"], group["normalize_lr_cov"]
+            lr_cov = group["lr_cov"]
+            prev_grad_scale = self._get_grad_scale(self.steps - 1)
+            skipped = bank.update_(
+                present=bank.segment_mask(frozenset(present)), ok=ok,
+                grad_unscaling=prev_grad_scale / self._get_grad_scale(self.steps) ** 2,
+                damping=group["damping"], alpha1=alpha1, scale=0.5 * (1.0 - alpha1 if normalize else 1.0),
+                beta=lr_cov(self.steps) if callable(lr_cov) else lr_cov, kfac_like=group["kfac_like"],
+                normalize=normalize,
+            )
+            names, step = list(bank.layout), self.steps
+            first = [bank.first_segment[n] for n in names]
+
+            def report(flags: list, names=names, first=first, step=step) -> None:
+                for name, s in zip(names, first):
+                    if flags[s]:
+                        warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
+                             "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
+
+            self._deferred.post(skipped, report)
+        bank.clear_statistics()
+
+    def _bank_natural_gradient(self, module: nn.Module, name: str) -> list[tuple[nn.Parameter, Tensor]]:
+        """``(parameter, C² ⊙ ∇ ⊙ K²)`` pairs of one banked layer (diagonal K, C)."""
+        bank = self._bank_of[name]
+        k2, c2 = bank.K_view(bank.squares, name), bank.C_view(bank.squares, name)  # [G, d_K], [G, d_C]
+        grad_scale = self._get_grad_scale(self.steps)
+        weight, bias = module.weight, module.bias
+        G, d_C = c2.shape
+        out = []
+        if not isinstance(module, TRANSPOSED_CONV_TYPES):  # rows of weight.flatten(1) are the blocks' rows
+            w = weight.grad.reshape(G, d_C, -1)
+            nat = torch.mul(w, k2[:, None, : w.shape[2]]).mul_(c2.unsqueeze(2))
+            out.append((weight, nat.view(weight.shape)))
+            if bias is not None and bias.grad is not None:
+                out.append((bias, torch.mul(bias.grad.view(G, d_C), c2).mul_(k2[:, w.shape[2] :]).view(bias.shape)))
+        else:
+            blocks = [g * k2[b] * c2[b].unsqueeze(1) for b, g in enumerate(gradient_blocks(module, self._group_average))]
+            nats = from_matrix_blocks(module, blocks, bias is not None)
+            out = [(p, n) for p, n in zip((weight, bias), nats) if p.grad is not None]
+        return [(p, (n / grad_scale if grad_scale != 1.0 else n).to(p.dtype)) for p, n in out]
 
     def _step(self) -> None:
         """Update the pre-conditioners (spread over ranks if asked), then the parameters."""
@@ -552,6 +728,26 @@ class SINGD(StockSINGD):
         super().load_state_dict(dict(state_dict))
         for name in self._cache:
             self._invalidate(name)
+        for bank in self._banks.values():
+            self._load_bank(bank)
+
+    def _load_bank(self, bank: DiagonalBank) -> None:
+        """Copy the loaded K, C, momenta and pending statistics of a bank's layers into its
+        buffers and point ``Ks, Cs, m_Ks, m_Cs, H_Ks, H_Cs`` back at them."""
+        loaded = {key: dict(getattr(self, key)) for key in ("Ks", "Cs", "m_Ks", "m_Cs", "H_Ks", "H_Cs")}
+        targets = (("Ks", "Cs", bank.values), ("m_Ks", "m_Cs", bank.momenta), ("H_Ks", "H_Cs", bank.stats))
+        bank.clear_statistics()
+        for name in bank.layout:
+            for key_K, key_C, buffer in targets:
+                if buffer is None or name not in loaded[key_K]:
+                    continue
+                for view, matrices in ((bank.K_view(buffer, name), loaded[key_K][name]),
+                                       (bank.C_view(buffer, name), loaded[key_C][name])):
+                    view.copy_(torch.stack([_diagonal(M) for M in matrices]))
+                if key_K == "H_Ks":
+                    self.H_Ks[name], self.H_Cs[name] = bank.matrices(bank.stats, name)
+        bank.squares.copy_(bank.values.square())
+        self._bind_bank_views(bank)
 
 
 def _inner_with(M: StructuredMatrix, X: Tensor):

@@ -1,0 +1,154 @@
+"""Launch proxy: compute ops and host syncs per training step, counted on a CPU.
+
+    python experiments/launch_proxy.py [--models resnet18 vgg19] [--batch-size 4] [--out PREFIX]
+
+On a GPU a step of a small or medium CNN is bound by kernel launches and by host-device
+synchronisations, not by FLOPs. Both can be counted without a GPU: every ATen operator
+dispatched during the forward pass, backward pass and ``step()`` is one kernel launch
+(view and metadata-only ops excluded, they launch nothing), and every
+``aten::_local_scalar_dense`` is a device-to-host copy that drains the GPU queue
+(``.item()``, ``float(tensor)``, ``bool(tensor)``, a tensor in an ``if``).
+
+Each configuration is counted over one full period of T steps after ``T + 1`` warm-up
+steps (so that the preconditioner updates and their amortisation are both included),
+and reported per step next to SGD's and stock singd's. ``extra`` is the number of ops
+above an SGD step; ``ratio`` compares kfac_tn's extra with stock's. Prints a markdown
+table and writes ``<out>.csv`` / ``<out>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.models import build_model  # noqa: E402
+from experiments.optimizers import build_optimizer  # noqa: E402
+from experiments.reporting import write_rows  # noqa: E402
+
+#: the goal configurations of the GPU issue: (label, kwargs)
+CONFIGURATIONS = [
+    ("diagonal/expand T=1", {"structures": ["diagonal", "diagonal"], "kfac_approx": "expand", "T": 1}),
+    ("block30diagonal/expand T=1", {"structures": ["block30diagonal", "block30diagonal"], "kfac_approx": "expand", "T": 1}),
+    ("dense/expand T=1", {"structures": ["dense", "dense"], "kfac_approx": "expand", "T": 1}),
+    ("dense/reduce T=10", {"structures": ["dense", "dense"], "kfac_approx": "reduce", "T": 10}),
+]
+
+#: ops that launch no kernel: views, metadata, aliasing
+_FREE = {
+    "view", "_unsafe_view", "reshape", "as_strided", "t", "transpose", "permute", "expand",
+    "squeeze", "unsqueeze", "slice", "select", "diagonal", "alias", "detach", "unfold",
+    "split", "split_with_sizes", "chunk", "unbind", "narrow", "view_as", "expand_as",
+    "flatten", "unflatten", "lift_fresh", "_reshape_alias", "movedim", "numpy_T",
+    "is_same_size", "_has_compatible_shallow_copy_type", "size", "stride", "sym_size",
+    "sym_stride", "sym_numel", "is_nonzero", "_to_copy_noop", "empty", "empty_like",
+    "empty_strided", "new_empty", "new_empty_strided", "set_", "resize_", "result_type",
+}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts dispatched compute ops (kernel launches) and ``_local_scalar_dense`` (syncs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            self.syncs += 1
+        elif name not in _FREE:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def count(model_name: str, optimizer: str, hyper: dict, batch_size: int, seed: int = 0) -> dict:
+    """Ops and syncs per step of one configuration, averaged over one T period."""
+    torch.manual_seed(seed)
+    model = build_model(model_name)
+    X = torch.randn(batch_size, 3, 32, 32)
+    y = torch.randint(0, 10, (batch_size,))
+    kwargs = {"lr": 0.01, "momentum": 0.9, **hyper}
+    if optimizer == "sgd":
+        kwargs = {"lr": 0.01, "momentum": 0.9}
+    opt = build_optimizer(model, optimizer, **kwargs)
+    period = hyper.get("T", 1)
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(period + 1):
+            step()
+        counter = LaunchCounter()
+        with counter:
+            for _ in range(period):
+                step()
+    return {
+        "ops_per_step": counter.total / period,
+        "syncs_per_step": counter.syncs / period,
+        "top_ops": dict(counter.ops.most_common(8)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "vgg19"])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--configs", nargs="+", default=None, help="labels to run (default: all)")
+    parser.add_argument("--optimizers", nargs="+", default=["singd_stock", "singd_tn"])
+    parser.add_argument("--out", default="results/launch_proxy")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    for model_name in args.models:
+        sgd = count(model_name, "sgd", {}, args.batch_size)
+        rows.append({"model": model_name, "configuration": "sgd", "optimizer": "sgd",
+                     "ops_per_step": sgd["ops_per_step"], "syncs_per_step": sgd["syncs_per_step"],
+                     "extra_ops": 0.0, "extra_vs_stock": None})
+        for label, hyper in CONFIGURATIONS:
+            if args.configs and label not in args.configs:
+                continue
+            stock_extra = None
+            for optimizer in args.optimizers:
+                result = count(model_name, optimizer, hyper, args.batch_size)
+                extra = result["ops_per_step"] - sgd["ops_per_step"]
+                if optimizer == "singd_stock":
+                    stock_extra = extra
+                rows.append({
+                    "model": model_name, "configuration": label, "optimizer": optimizer,
+                    "ops_per_step": result["ops_per_step"], "syncs_per_step": result["syncs_per_step"],
+                    "extra_ops": extra,
+                    "extra_vs_stock": extra / stock_extra if stock_extra and optimizer != "singd_stock" else None,
+                })
+                print(f"{model_name:9s} {label:28s} {optimizer:12s} ops {result['ops_per_step']:8.1f} "
+                      f"syncs {result['syncs_per_step']:6.1f}  top {result['top_ops']}", flush=True)
+    write_rows(rows, Path(args.out))
+    print(f"\nbatch {args.batch_size}; per step = one T period / T, forward + backward + step()")
+    print("\n| net | configuration | optimizer | compute ops / step | extra over SGD | extra vs stock's | host syncs / step |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['extra_vs_stock']:.2f}x" if r["extra_vs_stock"] is not None else ""
+        print(f"| {r['model']} | {r['configuration']} | {r['optimizer']} | {r['ops_per_step']:.0f} | "
+              f"{r['extra_ops']:.0f} | {ratio} | {r['syncs_per_step']:.1f} |")
+    print(f"\nwrote {Path(args.out).with_suffix('.csv')} and {Path(args.out).with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

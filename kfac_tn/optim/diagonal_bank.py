@@ -1,0 +1,148 @@
+"""Diagonal SINGD pre-conditioners of many layers in flat buffers, updated by a few kernels.
+
+For diagonal ``K`` and ``C`` SINGD's update is elementwise within each block and
+couples blocks only through four scalars per block (the average traces of
+``H_K, H_C, KᵀK, CᵀC``). A :class:`DiagonalBank` keeps the diagonals of every layer of
+one parameter group in one flat buffer (and momenta, pending statistics and the
+squares ``K², C²`` in buffers of the same layout), so a preconditioner update of all
+layers is ~20 kernels, whatever the number of layers, and needs no host sync: the
+per-block traces come from one segmented reduction, the non-finite guard is a device
+mask applied by ``torch.where``.
+
+Layout: per layer its ``G`` blocks' K diagonals ``[G, d_K]``, then their C diagonals
+``[G, d_C]``. Every block's K and its C are one *segment* each; ``partner[s]`` is the
+other factor of segment ``s``'s block. singd-facing ``DiagonalMatrix`` objects hold
+views into the buffers (:meth:`matrices`).
+"""
+
+from __future__ import annotations
+
+import torch
+from singd.structures.diagonal import DiagonalMatrix
+from torch import Tensor
+
+
+class DiagonalBank:
+    """``K, C`` (and momenta, statistics) of layers with diagonal structures.
+
+    Args:
+        layers: ``name -> (G, d_K, d_C)``: number of blocks and the dimensions of each.
+        dtype, device: of the stored ``K, C`` and momenta.
+        momenta: whether to keep momenta ``m_K, m_C`` (``alpha1 != 0``).
+    """
+
+    def __init__(self, layers: dict[str, tuple[int, int, int]], dtype: torch.dtype,
+                 device: torch.device, momenta: bool) -> None:
+        self.layout: dict[str, tuple[int, int, int, int, int]] = {}
+        self.first_segment: dict[str, int] = {}
+        lengths, partner, is_K = [], [], []
+        offset = 0
+        for name, (G, d_K, d_C) in layers.items():
+            self.layout[name] = (offset, offset + G * d_K, G, d_K, d_C)
+            self.first_segment[name] = len(lengths)
+            first = len(lengths)
+            lengths += [d_K] * G + [d_C] * G
+            partner += [first + G + b for b in range(G)] + [first + b for b in range(G)]
+            is_K += [True] * G + [False] * G
+            offset += G * (d_K + d_C)
+        self.size = offset
+        self.num_segments = len(lengths)
+        self.dtype, self.device = dtype, device
+        self.stat_dtype = torch.promote_types(dtype, torch.float32)
+        self.values = torch.ones(offset, dtype=dtype, device=device)
+        self.momenta = torch.zeros(offset, dtype=dtype, device=device) if momenta else None
+        #: pending statistics: H = K² ⊙ diag(A) (resp. C² ⊙ diag(G)), summed over backward passes
+        self.stats = torch.zeros(offset, dtype=self.stat_dtype, device=device)
+        #: K², C² as of the last update (statistics and natural gradients use them)
+        self.squares = torch.ones(offset, dtype=self.stat_dtype, device=device)
+        self.lengths = torch.tensor(lengths, device=device)
+        self.segment_ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), self.lengths)
+        self.partner = torch.tensor(partner, device=device)
+        self.is_K = torch.tensor(is_K, device=device)
+        self._masks: dict[frozenset, Tensor] = {}
+        self._one = torch.ones((), dtype=dtype, device=device)
+
+    # ------------------------------------------------------------- views
+    def K_view(self, buffer: Tensor, name: str) -> Tensor:
+        """``[G, d_K]`` view of a layer's K part of ``buffer``."""
+        k_start, _, G, d_K, _ = self.layout[name]
+        return buffer[k_start : k_start + G * d_K].view(G, d_K)
+
+    def C_view(self, buffer: Tensor, name: str) -> Tensor:
+        """``[G, d_C]`` view of a layer's C part of ``buffer``."""
+        _, c_start, G, _, d_C = self.layout[name]
+        return buffer[c_start : c_start + G * d_C].view(G, d_C)
+
+    def matrices(self, buffer: Tensor, name: str) -> tuple[list[DiagonalMatrix], list[DiagonalMatrix]]:
+        """singd ``DiagonalMatrix`` objects (K blocks, C blocks) viewing ``buffer``."""
+        return ([DiagonalMatrix(k) for k in self.K_view(buffer, name)],
+                [DiagonalMatrix(c) for c in self.C_view(buffer, name)])
+
+    # -------------------------------------------------------- statistics
+    def add_statistics(self, name: str, diag_A: Tensor, diag_G: Tensor, scale_G: float = 1.0) -> None:
+        """Accumulate ``K² ⊙ diag(A)`` and ``scale_G · C² ⊙ diag(G)`` (``[G, d]`` each)."""
+        self.K_view(self.stats, name).addcmul_(diag_A, self.K_view(self.squares, name))
+        self.C_view(self.stats, name).addcmul_(diag_G, self.C_view(self.squares, name), value=scale_G)
+
+    def clear_statistics(self) -> None:
+        self.stats.zero_()
+
+    def segment_mask(self, names: frozenset[str]) -> Tensor:
+        """Bool ``[num_segments]``: the segments of ``names`` (cached per set)."""
+        mask = self._masks.get(names)
+        if mask is None:
+            host = torch.zeros(self.num_segments, dtype=torch.bool)
+            for name in names:
+                first, G = self.first_segment[name], self.layout[name][2]
+                host[first : first + 2 * G] = True
+            mask = self._masks[names] = host.to(self.device)
+        return mask
+
+    # ------------------------------------------------------------ update
+    def update_(
+        self, *, present: Tensor, ok: Tensor | None, grad_unscaling: float, damping: float,
+        alpha1: float, scale: float, beta: float, kfac_like: bool, normalize: bool,
+    ) -> Tensor:
+        """One Riemannian SINGD step of every block whose segments are ``present``.
+
+        Per block, with ``v`` its K (or C) diagonal and ``H`` the pending statistics:
+        ``m = scale·(a_H·H + a_MM·v² − 1) + alpha1·m``, ``v ← v − β·v ⊙ m`` with
+        ``a_H = grad_unscaling·tr(H_other)/d_other`` (K side: without grad_unscaling),
+        ``a_MM = damping·tr(other²)/d_other`` (kfac_like: ``a_H = 1`` resp.
+        ``grad_unscaling``, ``a_MM = damping``), exactly singd 0.0.5's rule. A block is
+        updated only where ``present``, its traces are finite and ``ok`` (a 0-d device
+        flag) holds; elsewhere values and momenta keep their bits. Returns the bool
+        ``[num_segments]`` mask of blocks that were present but skipped (non-finite).
+        """
+        values, squares = self.values, self.squares.to(self.dtype)
+        H = self.stats.to(self.dtype)
+        traces = torch.segment_reduce(torch.stack([H, squares]), "mean",
+                                      lengths=self.lengths.expand(2, -1), axis=1)  # [2, S]
+        other = traces.index_select(1, self.partner)  # [2, S]: the partner factor's traces
+        finite = torch.isfinite(traces[0]) & torch.isfinite(other[0])
+        update = present & finite if ok is None else present & finite & ok
+        if kfac_like:
+            a_H = torch.where(self.is_K, self._one, grad_unscaling)
+            a_MM = torch.full_like(a_H, damping)
+        else:
+            a_H = other[0] * torch.where(self.is_K, self._one, grad_unscaling)
+            a_MM = other[1] * damping
+        coefficients = torch.stack([a_H, a_MM, update.to(self.dtype)]).index_select(1, self.segment_ids)
+        a_H_e, a_MM_e, update_e = coefficients.unbind(0)
+        m = H.mul_(a_H_e).addcmul_(squares, a_MM_e).sub_(1.0).mul_(scale)  # H's buffer is scratch
+        if self.momenta is not None:
+            m.add_(self.momenta, alpha=alpha1)
+        if normalize:
+            norms = torch.segment_reduce(m.abs(), "max", lengths=self.lengths).clamp_min_(1.0)
+            step = m * (beta / norms).index_select(0, self.segment_ids)
+        else:
+            step = m.mul(beta)
+        keep = update_e == 0
+        torch.where(keep, values, values - values * step, out=values)
+        if self.momenta is not None:
+            torch.where(keep, self.momenta, m, out=self.momenta)
+        if self.squares.dtype == values.dtype:
+            torch.mul(values, values, out=self.squares)
+        else:
+            self.squares.copy_(values.square())
+        return present & ~finite
