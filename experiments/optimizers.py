@@ -44,12 +44,17 @@ class Combined:
             self.fallback.load_state_dict(state["fallback"])
 
 
-def build_optimizer(model: nn.Module, name: str, **kwargs: Any) -> Combined:
-    """Optimizer ``name`` with hyper-parameters ``kwargs`` (its own argument names)."""
+def build_optimizer(model: nn.Module, name: str, foreach: bool | None = None, **kwargs: Any) -> Combined:
+    """Optimizer ``name`` with hyper-parameters ``kwargs`` (its own argument names).
+
+    ``foreach`` is passed to the ``torch.optim.SGD`` of ``sgd`` and of the fallback
+    (None: torch's default, ``foreach`` kernels on CUDA, per-tensor loops on a CPU).
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; available: {OPTIMIZERS}.")
     lr = kwargs.get("lr", 0.01)
     sgd_kwargs = {k: kwargs[k] for k in ("momentum", "weight_decay") if k in kwargs}
+    sgd_kwargs["foreach"] = foreach
     if name == "sgd":
         return Combined(torch.optim.SGD(model.parameters(), lr=lr, **sgd_kwargs), None)
     if name == "singd_stock":

@@ -4,12 +4,14 @@ from kfac_tn.factors.grad_output_factor import (
     grad_output_factor,
     grad_output_factor_blocks,
     grad_output_factor_diagonal,
+    grad_output_factor_diagonal_sum,
     grad_output_rows,
 )
 from kfac_tn.factors.input_factor import (
     input_factor,
     input_factor_blocks,
     input_factor_diagonal,
+    input_factor_diagonal_sum,
     input_row_chunks,
     input_rows,
 )
@@ -20,10 +22,12 @@ __all__ = [
     "grad_output_factor",
     "grad_output_factor_blocks",
     "grad_output_factor_diagonal",
+    "grad_output_factor_diagonal_sum",
     "grad_output_rows",
     "input_factor",
     "input_factor_blocks",
     "input_factor_diagonal",
+    "input_factor_diagonal_sum",
     "input_row_chunks",
     "input_rows",
 ]

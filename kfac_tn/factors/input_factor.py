@@ -28,7 +28,6 @@ from kfac_tn.factors.layers import (
 )
 from kfac_tn.tensor_network.averaged_unfold import averaged_unfold
 from kfac_tn.tensor_network.block_gram import block_gram
-from kfac_tn.tensor_network.chunking import batch_chunk
 from kfac_tn.tensor_network.geometry import ConvDim
 from kfac_tn.tensor_network.kfc import kfc_factor
 from kfac_tn.tensor_network.unfold_gram import (
@@ -84,18 +83,11 @@ def _conv_setup(layer: nn.Module, x: Tensor, group_average: bool) -> tuple[Tenso
     return x, dims, G
 
 
-def _averaged_unfold_of_square(x: Tensor, dims: tuple[ConvDim, ...], chunk_bytes: int = 2**20) -> Tensor:
-    """``Σ_n ū(x²)[n]`` ``[G·C·K..]``, squaring batch chunks into one small reused buffer."""
-    per_sample = x[0].numel() * x.element_size()
-    chunk = batch_chunk(x, per_sample, chunk_bytes)
-    buffer = x.new_empty((chunk,) + tuple(x.shape[1:]))
-    total = None
-    for start in range(0, x.shape[0], chunk):
-        part = x[start : start + chunk]
-        square = torch.mul(part, part, out=buffer[: part.shape[0]])
-        summed = averaged_unfold(square, dims).sum(0)
-        total = summed if total is None else total.add_(summed)
-    return total.flatten()
+def _averaged_unfold_of_square(x: Tensor, dims: tuple[ConvDim, ...]) -> Tensor:
+    """``Σ_n ū(x²)[n]`` ``[G·C·K..]``: ū is linear, so the batch is summed first (one
+    reduction that allocates only ``[C, I..]``), then one sample is contracted."""
+    square = torch.linalg.vector_norm(x, dim=0, keepdim=True).square_()
+    return averaged_unfold(square, dims).flatten()
 
 
 def _validate(layer: nn.Module, approx: str) -> None:
@@ -190,22 +182,33 @@ def input_factor_diagonal(
     """``diag(A)`` of :func:`input_factor`, shape ``[G, d]``, without forming A.
 
     Expand: ``diag(A)[c, k] = 1/B Σ_b ū(x²)[b, c, k]`` (Σ_o Π = O·Π̄); reduce: the mean
-    of ``ū²`` over the batch.
+    of ``ū²`` over the batch. The bias entry (last, if any) is 1.
+    """
+    weight_part, scale = input_factor_diagonal_sum(layer, x, approx, group_average)
+    diag = weight_part.mul_(scale)
+    return _append_ones(diag) if layer.bias is not None else diag
+
+
+def input_factor_diagonal_sum(
+    layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False
+) -> tuple[Tensor, float]:
+    """``(S, s)`` with ``diag(A)[:, :d_w] = s · S`` ``[G, d_w]``, the weight entries only.
+
+    For callers that fold the scale ``s`` (and the bias entry, always 1) into a later
+    kernel, e.g. an ``addcmul_`` into an accumulator: one launch less per layer.
     """
     _validate(layer, approx)
-    bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
         rows = _linear_input(layer, x)
-        diag = (rows**2).mean((0, 1)) if approx == "expand" else (rows.mean(1) ** 2).mean(0)
-        diag = diag.unsqueeze(0)
-    else:
-        x, dims, G = _conv_setup(layer, x, group_average)
-        N = x.shape[0]
+        B, P = rows.shape[0], rows.shape[1]
         if approx == "expand":
-            diag = _averaged_unfold_of_square(x, dims).reshape(G, -1).div_(N)
-        else:
-            diag = (averaged_unfold(x, dims).reshape(N, G, -1) ** 2).mean(0)
-    return _append_ones(diag) if bias else diag
+            return torch.linalg.vector_norm(rows, dim=(0, 1)).square_().unsqueeze(0), 1.0 / (B * P)
+        return rows.sum(1).square_().sum(0).unsqueeze(0), 1.0 / (B * P * P)
+    x, dims, G = _conv_setup(layer, x, group_average)
+    N = x.shape[0]
+    if approx == "expand":
+        return _averaged_unfold_of_square(x, dims).reshape(G, -1), 1.0 / N
+    return torch.linalg.vector_norm(averaged_unfold(x, dims).reshape(N, G, -1), dim=0).square_(), 1.0 / N
 
 
 def input_factor_blocks(

@@ -79,10 +79,19 @@ class DiagonalBank:
                 [DiagonalMatrix(c) for c in self.C_view(buffer, name)])
 
     # -------------------------------------------------------- statistics
-    def add_statistics(self, name: str, diag_A: Tensor, diag_G: Tensor, scale_G: float = 1.0) -> None:
-        """Accumulate ``K² ⊙ diag(A)`` and ``scale_G · C² ⊙ diag(G)`` (``[G, d]`` each)."""
-        self.K_view(self.stats, name).addcmul_(diag_A, self.K_view(self.squares, name))
-        self.C_view(self.stats, name).addcmul_(diag_G, self.C_view(self.squares, name), value=scale_G)
+    def add_statistics(self, name: str, sum_A: Tensor, scale_A: float, sum_G: Tensor, scale_G: float) -> None:
+        """Accumulate ``H_K = K² ⊙ diag(A)`` and ``H_C = C² ⊙ diag(G)`` of one backward pass.
+
+        ``diag(A) = scale_A · sum_A`` on the weight entries ``[G, d_w]`` (a bias entry,
+        if ``d_K = d_w + 1``, is 1) and ``diag(G) = scale_G · sum_G`` ``[G, d_C]``, as
+        returned by ``input_factor_diagonal_sum`` / ``grad_output_factor_diagonal_sum``.
+        """
+        stats_K, squares_K = self.K_view(self.stats, name), self.K_view(self.squares, name)
+        d_w = sum_A.shape[1]
+        stats_K[:, :d_w].addcmul_(sum_A, squares_K[:, :d_w], value=scale_A)
+        if d_w < stats_K.shape[1]:
+            stats_K[:, d_w:].add_(squares_K[:, d_w:])
+        self.C_view(self.stats, name).addcmul_(sum_G, self.C_view(self.squares, name), value=scale_G)
 
     def clear_statistics(self) -> None:
         self.stats.zero_()

@@ -46,10 +46,12 @@ from kfac_tn.factors import (
     SUPPORTED_LAYERS,
     grad_output_factor_blocks,
     grad_output_factor_diagonal,
+    grad_output_factor_diagonal_sum,
     grad_output_rows,
     input_factor,
     input_factor_blocks,
     input_factor_diagonal,
+    input_factor_diagonal_sum,
     input_row_chunks,
     input_rows,
 )
@@ -312,11 +314,9 @@ class SINGD(StockSINGD):
         bank = self._bank_of.get(name)
         if bank is not None:
             ga = self._group_average
-            bank.add_statistics(
-                name, input_factor_diagonal(module, a, kfac_approx, ga),
-                grad_output_factor_diagonal(module, g, kfac_approx, loss_average, ga),
-                scale_G=1.0 / prev_grad_scale,
-            )
+            sum_A, scale_A = input_factor_diagonal_sum(module, a, kfac_approx, ga)
+            sum_G, scale_G = grad_output_factor_diagonal_sum(module, g, kfac_approx, loss_average, ga)
+            bank.add_statistics(name, sum_A, scale_A, sum_G, scale_G / prev_grad_scale)
             if name not in self.H_Ks:
                 self.H_Ks[name], self.H_Cs[name] = bank.matrices(bank.stats, name)
             return
