@@ -121,7 +121,8 @@ class DiagonalBank:
         ``grad_unscaling``, ``a_MM = damping``), exactly singd 0.0.5's rule. A block is
         updated only where ``present``, its traces are finite and ``ok`` (a 0-d device
         flag) holds; elsewhere values and momenta keep their bits. Returns the bool
-        ``[num_segments]`` mask of blocks that were present but skipped (non-finite).
+        ``[num_segments]`` mask of blocks that were present and skipped for non-finite
+        statistics alone (not because ``ok`` was false).
         """
         values, squares = self.values, self.squares.to(self.dtype)
         H = self.stats.to(self.dtype)
@@ -154,4 +155,4 @@ class DiagonalBank:
             torch.mul(values, values, out=self.squares)
         else:
             self.squares.copy_(values.square())
-        return present & ~finite
+        return present & ~finite if ok is None else present & ~finite & ok

@@ -56,6 +56,8 @@ from kfac_tn.factors import (
     input_rows,
 )
 from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, num_positions
+from kfac_tn.optim.deferred import DeferredFlags
+from kfac_tn.optim.diagonal_bank import DiagonalBank
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
     all_reduce_flat_async,
@@ -64,20 +66,17 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     worker_groups,
 )
-from kfac_tn.optim.deferred import DeferredFlags
-from kfac_tn.optim.diagonal_bank import DiagonalBank
 from kfac_tn.optim.parameter_update import apply_updates_
 from kfac_tn.optim.pending import SymmetricSum
+from kfac_tn.optim.riemannian_update import average_trace_inner, riemannian_step_, skip_coefficients
 from kfac_tn.optim.structured_products import (
     block_sandwich,
     inner_with,
     left_multiply,
     right_multiply,
-    right_multiply_update_,
     rmatmat_transposes,
     sandwich,
     stock_projector,
-    symmetric_addmm_,
 )
 from kfac_tn.optim.validation import (
     check_layout,
@@ -347,10 +346,17 @@ class SINGD(StockSINGD):
             self.H_Ks[name], self.H_Cs[name] = H_K, H_C
 
     # ---------------------------------------------------------------- update
-    def _update_preconditioner(self, module: nn.Module) -> None:
+    def _update_preconditioner(self, module: nn.Module, ok: Tensor) -> Tensor | None:
+        """Riemannian update of one (non-banked) layer's K, C blocks, without host syncs.
+
+        Skipped on the device (K, C, momenta keep their bits) unless ``ok`` (the step's
+        gradient flag) holds and every statistic and trace that feeds K/C is finite.
+        Returns the 0-d bool "skipped for non-finite statistics alone", or None when the
+        layer was not due or had no statistics.
+        """
         T = self._get_param_group_entry(module, "T")
         if self.steps % T != 0:
-            return
+            return None
         name = self.module_names[module]
         H_Ks, H_Cs = self.H_Ks.pop(name, None), self.H_Cs.pop(name, None)
         if H_Ks is None or H_Cs is None:
@@ -358,42 +364,41 @@ class SINGD(StockSINGD):
                 f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
                 "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
                 "is left unchanged.", stacklevel=2)
-            return
-        if not _all_finite(H_Ks + H_Cs):
-            warn(
-                f"Non-finite curvature statistics in layer {name!r} at step {self.steps}; skipping "
-                "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
-            return
+            return None
+        traces = [(H_K.average_trace(), H_C.average_trace()) for H_K, H_C in zip(H_Ks, H_Cs)]
+        finite = _all_finite(H_Ks + H_Cs, [t for pair in traces for t in pair])
+        update = finite & ok
+        for H in H_Ks + H_Cs:  # a skipped update must not meet inf/NaN (0·inf is NaN)
+            for t in _tensors(H):
+                t.masked_fill_(~update, 0.0)
         prev_grad_scale = self._get_grad_scale(self.steps - 1)
         grad_unscaling = prev_grad_scale / self._get_grad_scale(self.steps) ** 2
         kfac_like = self._get_param_group_entry(module, "kfac_like")
         damping = self._get_param_group_entry(module, "damping")
         alpha1 = self._get_param_group_entry(module, "alpha1")
         normalize = self._get_param_group_entry(module, "normalize_lr_cov")
-        scale = 0.5 * (1.0 - alpha1 if normalize else 1.0)
         lr_cov = self._get_param_group_entry(module, "lr_cov")
-        beta1 = lr_cov(self.steps) if callable(lr_cov) else lr_cov
+        dtype = torch.promote_types(_dtype(self.Ks[name][0]), _dtype(self.Cs[name][0]))
+        scale, alpha1_t, beta = skip_coefficients(
+            update, dtype, 0.5 * (1.0 - alpha1 if normalize else 1.0), alpha1,
+            lr_cov(self.steps) if callable(lr_cov) else lr_cov)
         for b, (K, C, H_K, H_C) in enumerate(zip(self.Ks[name], self.Cs[name], H_Ks, H_Cs)):
             self._step_workspace.reset()
-            tr_KK, tr_CC = _average_trace_inner(K), _average_trace_inner(C)
-            tr_HK, tr_HC = H_K.average_trace(), H_C.average_trace()
+            tr_KK, tr_CC = average_trace_inner(K), average_trace_inner(C)
+            tr_HK, tr_HC = (torch.where(update, t, 0.0) for t in traces[b])
             m_K = self.m_Ks[name][b] if alpha1 != 0.0 else None
             m_C = self.m_Cs[name][b] if alpha1 != 0.0 else None
-            new_m_K = _riemannian_step(
-                K, H_K, m_K,
-                a_H=1.0 if kfac_like else grad_unscaling * tr_HC,
-                a_MM=damping * (1.0 if kfac_like else tr_CC),
-                scale=scale, alpha1=alpha1, beta=beta1, normalize=normalize, workspace=self._step_workspace,
-            )
-            new_m_C = _riemannian_step(
-                C, H_C, m_C,
-                a_H=grad_unscaling if kfac_like else grad_unscaling * tr_HK,
-                a_MM=damping * (1.0 if kfac_like else tr_KK),
-                scale=scale, alpha1=alpha1, beta=beta1, normalize=normalize, workspace=self._step_workspace,
-            )
+            common = dict(scale=scale, alpha1=alpha1_t, beta=beta, normalize=normalize, workspace=self._step_workspace)
+            new_m_K = riemannian_step_(
+                K, H_K, m_K, a_H=torch.ones_like(tr_HC) if kfac_like else grad_unscaling * tr_HC,
+                a_MM=damping * (torch.ones_like(tr_CC) if kfac_like else tr_CC), **common)
+            new_m_C = riemannian_step_(
+                C, H_C, m_C, a_H=grad_unscaling * (torch.ones_like(tr_HK) if kfac_like else tr_HK),
+                a_MM=damping * (torch.ones_like(tr_KK) if kfac_like else tr_KK), **common)
             if alpha1 != 0.0:
                 self.m_Ks[name][b], self.m_Cs[name][b] = new_m_K, new_m_C
         self._invalidate(name)
+        return ~finite & ok  # a step skipped for its gradients is reported once, by step()
 
     def _invalidate(self, name: str) -> None:
         cache = self._cache.get(name)
@@ -498,26 +503,14 @@ class SINGD(StockSINGD):
         self._finish_reductions()
         for module, name in self.module_names.items():
             check_layout(name, module, self._layouts[name])
-        if self._bank_of and len(self._bank_of) == len(self.module_names):
-            try:
-                self._fused_step()
-            finally:
-                self._stats_workspace.release()
-                self._step_workspace.release()
-            return
-        own_check = not hasattr(self, "found_inf") and not self._gradients_finite()
-        if own_check:
-            self.found_inf = True
         try:
-            super().step(closure)
+            self._device_step()
         finally:
             self._stats_workspace.release()
             self._step_workspace.release()
-            if own_check:
-                del self.found_inf
 
-    def _fused_step(self) -> None:
-        """:meth:`step` without host syncs: fused bank updates, foreach parameter updates."""
+    def _device_step(self) -> None:
+        """:meth:`step` without host syncs: the skip decisions are device flags."""
         if self.steps not in self._grad_scales:
             grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step: its one sync
             self.set_current_grad_scale(1.0 if grad_scale is None else float(grad_scale))
@@ -528,30 +521,80 @@ class SINGD(StockSINGD):
                 all_reduce_flat([bank.stats], dist.ReduceOp.AVG if self._bank_loss_average(bank) else dist.ReduceOp.SUM)
         for group_idx, bank in self._banks.items():
             self._update_bank(group_idx, bank, ok)
+        self._update_layers(ok)
         for group_idx, group in enumerate(self.param_groups):
+            hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], ok=ok)
             params, steps = [], []
             for module, name in self.module_names.items():
-                if name in self._bank_of and self._bank_of[name] is self._banks.get(group_idx) and module.weight.grad is not None:
+                if module.weight.grad is None or self.param_to_group_idx[module.weight.data_ptr()] != group_idx:
+                    continue  # the layer took no part in this step's loss, or is in another group
+                if name in self._bank_of:  # collected: one foreach update for the whole group
                     for p, nat in self._bank_natural_gradient(module, name):
                         params.append(p)
                         steps.append(nat)
-            if not params:
-                continue
-            if is_distributed():
-                all_reduce_flat(steps, dist.ReduceOp.AVG if group["loss_average"] else dist.ReduceOp.SUM)
-            buffers = None
-            if group["momentum"] != 0.0:
-                buffers = []
-                for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.data)
-                    buffers.append(state["momentum_buffer"])
-            apply_updates_([p.data for p in params], steps, buffers, lr=group["lr"], momentum=group["momentum"],
-                           weight_decay=group["weight_decay"], ok=ok)
+                    continue
+                # the natural gradients live in the step workspace: apply them layer by layer
+                pairs = [(p, n) for p, n in zip((module.weight, module.bias), self._compute_natural_gradient(module))
+                         if p is not None and p.grad is not None]
+                apply_updates_([p.data for p, _ in pairs], [n for _, n in pairs],
+                               self._momentum_buffers([p for p, _ in pairs], group), **hyper)
+            if params:
+                if is_distributed():
+                    all_reduce_flat(steps, dist.ReduceOp.AVG if group["loss_average"] else dist.ReduceOp.SUM)
+                apply_updates_([p.data for p in params], steps, self._momentum_buffers(params, group), **hyper)
         self._deferred.post(~ok, self._warn_skipped_step)
         self.steps += 1
         self._remove_used_grad_scales()
+
+    def _momentum_buffers(self, params: list[nn.Parameter], group: dict) -> list[Tensor] | None:
+        if group["momentum"] == 0.0:
+            return None
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.data)
+            buffers.append(state["momentum_buffer"])
+        return buffers
+
+    def _update_layers(self, ok: Tensor) -> None:
+        """Update the non-banked layers' pre-conditioners (spread over ranks if asked);
+        report layers skipped for non-finite statistics once their flags reach the host."""
+        modules = [m for m, name in self.module_names.items() if name not in self._bank_of]
+        groups = worker_groups(self.update_worker_fraction) if is_distributed() else [[0]]
+        flags: list[tuple[str, Tensor]] = []
+        if len(groups) > 1:
+            owners = self._update_owners(len(groups))
+            mine = next(i for i, members in enumerate(groups) if dist.get_rank() in members)
+            updated = []
+            for module in modules:
+                if self.steps % self._get_param_group_entry(module, "T") != 0:
+                    continue
+                name = self.module_names[module]
+                if owners[name] == mine:
+                    flag = self._update_preconditioner(module, ok)
+                    if flag is not None:
+                        flags.append((name, flag))
+                else:  # another group updates it; drop the local copy of the statistics
+                    self.H_Ks.pop(name, None)
+                    self.H_Cs.pop(name, None)
+                updated.append(name)
+            self._broadcast_preconditioners(updated, owners, groups)
+        else:
+            for module in modules:
+                flag = self._update_preconditioner(module, ok)
+                if flag is not None:
+                    flags.append((self.module_names[module], flag))
+        if flags:
+            names, step = [name for name, _ in flags], self.steps
+
+            def report(values: list, names=names, step=step) -> None:
+                for name, skipped in zip(names, values):
+                    if skipped:
+                        warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
+                             "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
+
+            self._deferred.post(torch.stack([flag for _, flag in flags]), report)
 
     @staticmethod
     def _warn_skipped_step(not_ok: bool) -> None:
@@ -565,7 +608,7 @@ class SINGD(StockSINGD):
     def _gradients_ok(self, found_inf: Tensor | None) -> Tensor:
         """0-d bool on the device: no inf/NaN in any gradient (and none found by a GradScaler)."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        device = next(iter(self._banks.values())).device
+        device = next(iter(self._layouts.values()))[0]
         ok = torch.ones((), dtype=torch.bool, device=device)
         if grads:
             norms = torch._foreach_norm(grads)
@@ -632,48 +675,6 @@ class SINGD(StockSINGD):
             out = [(p, n) for p, n in zip((weight, bias), nats) if p.grad is not None]
         return [(p, (n / grad_scale if grad_scale != 1.0 else n).to(p.dtype)) for p, n in out]
 
-    def _step(self) -> None:
-        """Update the pre-conditioners (spread over ranks if asked), then the parameters."""
-        modules = list(self.module_names)
-        groups = worker_groups(self.update_worker_fraction) if is_distributed() else [[0]]
-        if len(groups) > 1:
-            owners = self._update_owners(len(groups))
-            mine = next(i for i, members in enumerate(groups) if dist.get_rank() in members)
-            updated = []
-            for module in modules:
-                if self.steps % self._get_param_group_entry(module, "T") != 0:
-                    continue
-                name = self.module_names[module]
-                if owners[name] == mine:
-                    self._update_preconditioner(module)
-                else:  # another group updates it; drop the local copy of the statistics
-                    self.H_Ks.pop(name, None)
-                    self.H_Cs.pop(name, None)
-                updated.append(name)
-            self._broadcast_preconditioners(updated, owners, groups)
-        else:
-            for module in modules:
-                self._update_preconditioner(module)
-        for module in modules:
-            if module.weight.grad is None:  # the layer took no part in this step's loss
-                continue
-            natural_gradients = self._compute_natural_gradient(module)
-            parameters = [module.weight] if module.bias is None else [module.weight, module.bias]
-            weight_decay = self._get_param_group_entry(module, "weight_decay")
-            momentum = self._get_param_group_entry(module, "momentum")
-            lr = self._get_param_group_entry(module, "lr")
-            for p, step in zip(parameters, natural_gradients):
-                if p.grad is None:  # e.g. a frozen bias: its (zero) column only shaped the solve
-                    continue
-                if weight_decay != 0.0:
-                    step.add_(p.data, alpha=weight_decay)
-                if momentum != 0.0:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.data)
-                    step = state["momentum_buffer"].mul_(momentum).add_(step)
-                p.data.add_(step, alpha=-lr)
-
     def _update_owners(self, n_groups: int) -> dict[str, int]:
         """Layer → group that updates it (greedy on d_K³ + d_C³ per block), cached."""
         if getattr(self, "_owners", None) is None or self._owners_groups != n_groups:
@@ -697,10 +698,6 @@ class SINGD(StockSINGD):
                         tensors.extend(t for _, t in matrix.named_tensors())
             if tensors:
                 broadcast_flat(tensors, src=members[0])
-
-    def _gradients_finite(self) -> bool:
-        sums = [p.grad.sum() for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -763,83 +760,6 @@ def _sandwich(M: StructuredMatrix, A: Tensor):
     return SymmetricSum(dense=H.to_dense()) if isinstance(M, DenseMatrix) else H
 
 
-def _average_trace_inner(M: StructuredMatrix) -> Tensor:
-    """``tr(Mᵀ M) / d``; for dense and block-diagonal M the squared Frobenius norm."""
-    if isinstance(M, (DenseMatrix, BlockDiagonalMatrixTemplate)):
-        tensors = [t for _, t in M.named_tensors()]
-        return sum(torch.linalg.vector_norm(t).square() for t in tensors) / M.shape[0]
-    return M.from_inner().average_trace()
-
-
-def _riemannian_step(
-    M: StructuredMatrix, H, m_old: StructuredMatrix | None, *, a_H, a_MM, scale: float,
-    alpha1: float, beta: float, normalize: bool, workspace: Workspace | None = None,
-) -> StructuredMatrix:
-    """``m = scale·(a_H·H + a_MM·MᵀM − I) + alpha1·m_old``; ``M ← M − β·M m``. Returns m.
-
-    Dense M: in place in ``m_old``'s buffer (symmetric block products, row-blocked
-    ``M m``), so the update needs no d × d temporaries. Other structures: singd's
-    structured arithmetic, as stock.
-    """
-    if isinstance(M, DenseMatrix):
-        mat = M.to_dense()
-        if m_old is not None:
-            buf = m_old.to_dense().mul_(alpha1)
-        else:
-            buf = torch.zeros_like(mat)
-        symmetric_addmm_(buf, mat.T, mat, alpha=float(scale * a_MM))
-        H.add_to_(buf, alpha=float(scale * a_H))
-        buf.diagonal().sub_(scale)
-        new_m = m_old if m_old is not None else DenseMatrix(buf)
-        if normalize:
-            beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
-        right_multiply_update_(mat, buf, beta, workspace=workspace)
-        return new_m
-    if isinstance(M, BlockDiagonalMatrixTemplate) and type(H) is type(M):
-        return _block_riemannian_step(M, H, m_old, a_H=a_H, a_MM=a_MM, scale=scale, alpha1=alpha1,
-                                      beta=beta, normalize=normalize)
-    dim = M.shape[0]
-    new_m = M.zeros(dim, dtype=_dtype(M), device=_device(M))
-    new_m.add_(H, alpha=a_H)
-    new_m.add_(M.from_inner(), alpha=a_MM)
-    new_m.diag_add_(-1.0).mul_(scale)
-    if m_old is not None:
-        new_m.add_(m_old, alpha=alpha1)
-    if normalize:
-        beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
-    M.add_(M @ new_m, alpha=-beta)
-    return new_m
-
-
-def _block_riemannian_step(
-    M: BlockDiagonalMatrixTemplate, H: BlockDiagonalMatrixTemplate, m_old, *, a_H, a_MM, scale: float,
-    alpha1: float, beta: float, normalize: bool,
-) -> BlockDiagonalMatrixTemplate:
-    """:func:`_riemannian_step` for block-diagonal M, batched over blocks, in place in m_old.
-
-    ``MᵀM`` is singd 0.0.5's ``from_inner()`` of a block-diagonal matrix, which is
-    ``M Mᵀ`` per block; reproduced as is for parity with stock singd.
-    """
-    new_m = m_old if m_old is not None else M.zeros(M.shape[0], dtype=_dtype(M), device=_device(M))
-    Ms, Hs, ms = dict(M.named_tensors()), dict(H.named_tensors()), dict(new_m.named_tensors())
-    if m_old is not None:
-        for key in ("_blocks", "_last"):
-            ms[key].mul_(alpha1)
-    for key in ("_blocks", "_last"):
-        mat, buf = Ms[key], ms[key]
-        batched = mat.unsqueeze(0) if mat.dim() == 2 else mat
-        buf_b = buf.unsqueeze(0) if buf.dim() == 2 else buf
-        buf_b.add_(Hs[key].to(buf.dtype).view_as(buf_b), alpha=float(scale * a_H))
-        buf_b.baddbmm_(batched, batched.transpose(1, 2), alpha=float(scale * a_MM))
-        buf_b.diagonal(dim1=1, dim2=2).sub_(scale)
-    if normalize:
-        beta = beta / max(1.0, float(new_m.infinity_vector_norm()))
-    for key in ("_blocks", "_last"):
-        mat, buf = Ms[key], ms[key]
-        mat.sub_(mat @ buf, alpha=beta)
-    return new_m
-
-
 def _cast(M: StructuredMatrix, dtype: torch.dtype) -> StructuredMatrix:
     """``M`` itself if already in ``dtype``, else a shallow copy with its tensors cast."""
     if _dtype(M) == dtype:
@@ -851,9 +771,9 @@ def _cast(M: StructuredMatrix, dtype: torch.dtype) -> StructuredMatrix:
 
 
 def _tensors(H) -> list[Tensor]:
-    """The tensors that hold statistics ``H`` (structured matrix or dense SymmetricSum)."""
+    """The tensors that hold statistics ``H`` (structured matrix or SymmetricSum)."""
     if isinstance(H, SymmetricSum):
-        return [H.dense]
+        return H.tensors()
     return [t for _, t in H.named_tensors()]
 
 
@@ -885,16 +805,14 @@ def _same_block_structure(Ms: list[StructuredMatrix]) -> bool:
     return all(isinstance(M, BlockDiagonalMatrixTemplate) for M in Ms) and len({M.BLOCK_DIM for M in Ms}) == 1
 
 
-def _all_finite(Hs: list) -> bool:
-    """Whether statistics hold no inf/NaN: one reduction per tensor, one host sync in all.
-
-    A sum is finite iff no entry is inf/NaN (barring overflow).
+def _all_finite(Hs: list, scalars: list[Tensor]) -> Tensor:
+    """0-d bool on the device: statistics ``Hs`` and ``scalars`` (their traces) hold no
+    inf/NaN. One reduction per tensor, no host sync. A sum is finite iff no entry is
+    inf/NaN, barring overflow, which counts as non-finite too: an overflowing trace
+    (e.g. of ``S Sᵀ`` from huge activations) stops the update as well.
     """
-    sums = []
-    for H in Hs:
-        tensors = H.tensors() if isinstance(H, SymmetricSum) else [t for _, t in H.named_tensors()]
-        sums.extend(t.sum().float() for t in tensors if t.numel())
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+    sums = [t.sum() for H in Hs for t in _tensors(H) if t.numel()]
+    return torch.isfinite(torch.stack([x.float() for x in sums + scalars])).all()
 
 
 def _validate_hyperparameters(
