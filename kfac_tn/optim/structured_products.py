@@ -1,8 +1,9 @@
 """Products of singd's structured matrices, cheaper than singd's own where it pays.
 
-``KᵀK``, ``Kᵀ X Xᵀ K``, ``Kᵀ A K`` and ``K Kᵀ`` are symmetric. For dense matrices only
-the lower block triangle is computed (recursively, down to blocks of ~256), which
-takes ~56% of a plain GEMM's time for d = 4608 on 2 CPU cores. :func:`left_multiply`
+``KᵀK``, ``Kᵀ X Xᵀ K``, ``Kᵀ A K`` and ``K Kᵀ`` are symmetric. For dense matrices on a
+CPU only the lower block triangle is computed (recursively, down to blocks of ~256),
+which takes ~56% of a plain GEMM's time for d = 4608 on 2 CPU cores; on accelerators
+one GEMM (see :mod:`kfac_tn.tensor_network.routes`). :func:`left_multiply`
 and :func:`right_multiply` apply dense matrices by one GEMM and block-diagonal ones by
 one batched GEMM over their blocks (instead of singd's split/rearrange/einsum/
 concatenate), writing into a reusable workspace; other structures use singd's own
@@ -17,6 +18,7 @@ from singd.structures.blockdiagonal import BlockDiagonalMatrixTemplate
 from singd.structures.dense import DenseMatrix
 from torch import Tensor
 
+from kfac_tn.tensor_network.routes import launch_bound
 from kfac_tn.tensor_network.workspace import Workspace
 
 #: below this size a plain GEMM is as fast as splitting it
@@ -29,7 +31,7 @@ def symmetric_product(left: Tensor, right: Tensor, levels: int = 5) -> Tensor:
     Computes the diagonal blocks recursively and one off-diagonal block, mirrored.
     """
     n = left.shape[0]
-    if levels == 0 or n < MIN_SPLIT:
+    if levels == 0 or n < MIN_SPLIT or launch_bound(left.device):
         return left @ right
     h = n // 2
     out = left.new_empty(n, n)
@@ -48,7 +50,7 @@ def symmetric_addmm_(target: Tensor, left: Tensor, right: Tensor, alpha: float, 
     mirrored from it, so ``target`` must be symmetric before the call.
     """
     n = target.shape[0]
-    if levels == 0 or n < MIN_SPLIT:
+    if levels == 0 or n < MIN_SPLIT or launch_bound(target.device):
         return target.addmm_(left, right, alpha=alpha)
     h = n // 2
     symmetric_addmm_(target[:h, :h], left[:h], right[:, :h], alpha, levels - 1)

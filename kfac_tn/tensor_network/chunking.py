@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from kfac_tn.tensor_network.routes import launch_bound
+
 #: minimum bytes of temporaries per chunk on accelerators (CUDA and others)
 ACCELERATOR_CHUNK_BYTES = 2**26
 
 
 def batch_chunk(x: Tensor, per_sample_bytes: int, chunk_bytes: int) -> int:
     """Samples per chunk of ``x`` (batch first) for temporaries of ``per_sample_bytes`` each."""
-    if x.device.type != "cpu":
+    if launch_bound(x.device):
         chunk_bytes = max(chunk_bytes, ACCELERATOR_CHUNK_BYTES)
     return max(1, min(x.shape[0], chunk_bytes // max(per_sample_bytes, 1)))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from kfac_tn.tensor_network.geometry import ConvDim
+from kfac_tn.tensor_network.routes import launch_bound
 from kfac_tn.tensor_network.shift_gram import shift_gram_cost, shift_gram_kfc
 from kfac_tn.tensor_network.unfold_gram import unfold_gram_cost, unfold_gram_kfc
 
@@ -46,8 +47,8 @@ def kfc_factor(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, method: str 
     if method == "auto":
         # accelerators: one large GEMM per chunk beats many thin shift Grams (measured on
         # an H200: 3x3 conv, 64 channels, 56x56, batch 32: 18 ms shift vs 2.3 ms unfold)
-        on_cpu = x.device.type == "cpu"
-        method = choose_kfc_method(dims, x.shape[1] // groups, groups) if on_cpu else "unfold"
+        few_launches = launch_bound(x.device)
+        method = "unfold" if few_launches else choose_kfc_method(dims, x.shape[1] // groups, groups)
     if method == "shift":
         return shift_gram_kfc(x, dims, groups)
     return unfold_gram_kfc(x, dims, groups)

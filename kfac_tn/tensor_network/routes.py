@@ -1,0 +1,48 @@
+"""The one place that decides between CPU and accelerator kernel routes.
+
+The same exact math can be evaluated by many small kernels or by a few large ones.
+On a CPU (few cores, no launch cost) small kernels near the caches win; on an
+accelerator every launch costs microseconds and small kernels leave the device idle,
+so few large kernels win (measured on an H200, see docs/results/gpu). Where the two
+differ, kfac_tn asks :func:`launch_bound`:
+
+| computation | CPU route | accelerator route |
+|---|---|---|
+| KFAC-expand input factor (:mod:`kfc`) | cost model: shift Grams or unfold + GEMM | unfold + GEMM |
+| batch chunks of streamed contractions (:mod:`chunking`) | a few MiB | >= 64 MiB |
+| symmetric products ``KᵀK``, ``S Sᵀ`` (``structured_products``) | lower block triangle, recursing to ~256 rows (~56% of a GEMM's time) | one GEMM |
+
+:func:`use_routes` overrides the choice, e.g. to count the accelerator route's kernel
+launches on a CPU (``experiments/launch_proxy.py``) or to test both routes anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+ROUTES = ("cpu", "accelerator")
+_forced: str | None = None
+
+
+def launch_bound(device: torch.device) -> bool:
+    """Whether work on ``device`` should take the accelerator routes (few large kernels)."""
+    if _forced is not None:
+        return _forced == "accelerator"
+    return device.type != "cpu"
+
+
+@contextmanager
+def use_routes(kind: str | None) -> Iterator[None]:
+    """Take ``kind``'s routes (``"cpu"`` or ``"accelerator"``) on every device inside the
+    block; ``None`` restores the per-device choice."""
+    global _forced
+    if kind is not None and kind not in ROUTES:
+        raise ValueError(f"Unknown route kind {kind!r}; use one of {ROUTES} or None.")
+    previous, _forced = _forced, kind
+    try:
+        yield
+    finally:
+        _forced = previous
