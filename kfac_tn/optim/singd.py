@@ -162,6 +162,7 @@ class SINGD(StockSINGD):
         # when activations are alive: kept small), one for step()'s products
         self._stats_workspace = Workspace()
         self._step_workspace = Workspace()
+        self._natural_gradient_workspace = Workspace()  # a step's results, until the update
         self._in_flight: list = []
         self._banks: dict[int, DiagonalBank] = {}  # param group index -> bank
         self._bank_of: dict[str, DiagonalBank] = {}
@@ -446,9 +447,9 @@ class SINGD(StockSINGD):
         T = self._get_param_group_entry(module, "T")
         dim_K, dim_C = block_dims(module, self._group_average)
         dtype_K, dtype_C = self._get_param_group_entry(module, "preconditioner_dtype")
-        # dense and block-diagonal products write into the workspace: the results live
-        # until the next layer's natural gradient (the caller applies them before asking)
-        ws = self._step_workspace
+        # intermediate products live in the step workspace until the next layer; the
+        # results in the natural-gradient workspace until the parameter update of the step
+        ws, results = self._step_workspace, self._natural_gradient_workspace
         ws.reset()
         out = []
         for b, grad in enumerate(grads):
@@ -461,7 +462,7 @@ class SINGD(StockSINGD):
             if isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix):
                 # C Cᵀ G K Kᵀ = diag(c²) G diag(k²): two passes instead of four products
                 k2, c2 = _diagonal(K).square(), _diagonal(C).square()
-                nat = torch.mul(g, k2, out=ws.take(tuple(g.shape), g)).to(dtype_C or g.dtype).mul_(c2.unsqueeze(1))
+                nat = torch.mul(g, k2, out=results.take(tuple(g.shape), g)).to(dtype_C or g.dtype).mul_(c2.unsqueeze(1))
                 out.append(nat.to(grad.dtype))
                 continue
             # stock: (K @ K.rmatmat(gᵀ))ᵀ, then C @ C.rmatmat(·); same products, batched
@@ -473,13 +474,10 @@ class SINGD(StockSINGD):
                 nat = right_multiply(g, KKT, True, ws)
             nat = nat.to(dtype_C) if dtype_C is not None else nat
             if CCT is None:
-                nat = left_multiply(C, left_multiply(C, nat, rmatmat_transposes(C), ws), False, ws)
+                nat = left_multiply(C, left_multiply(C, nat, rmatmat_transposes(C), ws), False, results)
             else:
-                nat = left_multiply(CCT, nat, False, ws)
+                nat = left_multiply(CCT, nat, False, results)
             out.append(nat.to(grad.dtype))
-        if is_distributed():
-            loss_average = self._get_param_group_entry(module, "loss_average")
-            all_reduce_flat(out, dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM)
         return from_matrix_blocks(module, out, has_bias)
 
     def _finish_reductions(self) -> None:
@@ -508,6 +506,7 @@ class SINGD(StockSINGD):
         finally:
             self._stats_workspace.release()
             self._step_workspace.release()
+            self._natural_gradient_workspace.release()
 
     def _device_step(self) -> None:
         """:meth:`step` without host syncs: the skip decisions are device flags."""
@@ -528,20 +527,20 @@ class SINGD(StockSINGD):
             for module, name in self.module_names.items():
                 if module.weight.grad is None or self.param_to_group_idx[module.weight.data_ptr()] != group_idx:
                     continue  # the layer took no part in this step's loss, or is in another group
-                if name in self._bank_of:  # collected: one foreach update for the whole group
-                    for p, nat in self._bank_natural_gradient(module, name):
-                        params.append(p)
-                        steps.append(nat)
-                    continue
-                # the natural gradients live in the step workspace: apply them layer by layer
-                pairs = [(p, n) for p, n in zip((module.weight, module.bias), self._compute_natural_gradient(module))
-                         if p is not None and p.grad is not None]
-                apply_updates_([p.data for p, _ in pairs], [n for _, n in pairs],
-                               self._momentum_buffers([p for p, _ in pairs], group), **hyper)
-            if params:
+                if name in self._bank_of:
+                    pairs = self._bank_natural_gradient(module, name)
+                else:
+                    nats = self._compute_natural_gradient(module)
+                    pairs = [(p, n) for p, n in zip((module.weight, module.bias), nats)
+                             if p is not None and p.grad is not None]
+                for p, nat in pairs:
+                    params.append(p)
+                    steps.append(nat)
+            if params:  # one foreach update for the whole group
                 if is_distributed():
                     all_reduce_flat(steps, dist.ReduceOp.AVG if group["loss_average"] else dist.ReduceOp.SUM)
                 apply_updates_([p.data for p in params], steps, self._momentum_buffers(params, group), **hyper)
+        self._natural_gradient_workspace.reset()
         self._deferred.post(~ok, self._warn_skipped_step)
         self.steps += 1
         self._remove_used_grad_scales()
