@@ -291,7 +291,8 @@ def test_param_groups_match_stock():
     _same_as_stock(lambda m, o: _train(m, o, (X, y), 4), kwargs)
 
 
-def test_grad_scaler_and_bf16_autocast_match_stock():
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal"])
+def test_grad_scaler_and_bf16_autocast_match_stock(structure):
     X, y = _data((6, 3, 7, 7))
 
     def run(model, opt):
@@ -304,7 +305,7 @@ def test_grad_scaler_and_bf16_autocast_match_stock():
             scaler.step(opt)
             scaler.update()
 
-    _same_as_stock(run, dict(lr=0.1, lr_cov=0.1, T=1, init_grad_scale=2.0**4))
+    _same_as_stock(run, dict(lr=0.1, lr_cov=0.1, T=1, init_grad_scale=2.0**4, structures=(structure, structure)))
 
 
 def test_bfloat16_preconditioner_storage_trains():

@@ -116,7 +116,7 @@ class DiagonalBank:
 
         Per block, with ``v`` its K (or C) diagonal and ``H`` the pending statistics:
         ``m = scale·(a_H·H + a_MM·v² − 1) + alpha1·m``, ``v ← v − β·v ⊙ m`` with
-        ``a_H = grad_unscaling·tr(H_other)/d_other`` (K side: without grad_unscaling),
+        ``a_H = grad_unscaling·tr(H_other)/d_other``,
         ``a_MM = damping·tr(other²)/d_other`` (kfac_like: ``a_H = 1`` resp.
         ``grad_unscaling``, ``a_MM = damping``), exactly singd 0.0.5's rule. A block is
         updated only where ``present``, its traces are finite and ``ok`` (a 0-d device
@@ -135,7 +135,7 @@ class DiagonalBank:
             a_H = torch.where(self.is_K, self._one, grad_unscaling)
             a_MM = torch.full_like(a_H, damping)
         else:
-            a_H = other[0] * torch.where(self.is_K, self._one, grad_unscaling)
+            a_H = other[0] * grad_unscaling
             a_MM = other[1] * damping
         coefficients = torch.stack([a_H, a_MM, update.to(self.dtype)]).index_select(1, self.segment_ids)
         a_H_e, a_MM_e, update_e = coefficients.unbind(0)

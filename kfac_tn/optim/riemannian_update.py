@@ -8,10 +8,14 @@ factor) where singd passes Python floats (``alpha=float(tensor)``, one sync each
 
 Skipping on the device: with ``scale = 0``, ``alpha1 = 1``, ``beta = 0`` and finite
 ``H`` the update leaves ``M`` and ``m_old`` bit-identical (``x + 0·finite = x``), which
-is how a block with non-finite statistics is skipped (:func:`skip_coefficients`).
+is how a block with non-finite statistics is skipped (:func:`step_scalars`). The
+scalars of all blocks of a parameter group are formed together, by a dozen vector
+kernels (:func:`step_scalars`), not by a dozen scalar kernels per block.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from singd.structures.base import StructuredMatrix
@@ -21,16 +25,27 @@ from torch import Tensor
 
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.structured_products import right_multiply_update_, symmetric_addmm_
+from kfac_tn.tensor_network.routes import launch_bound
 from kfac_tn.tensor_network.workspace import Workspace
 
 
-def average_trace_inner(M: StructuredMatrix) -> Tensor:
-    """``tr(Mᵀ M) / d`` as a 0-d tensor; for dense and block-diagonal M the squared
-    Frobenius norm (no product formed)."""
+def trace_inner(M: StructuredMatrix) -> Tensor:
+    """``tr(MᵀM)`` as a 0-d tensor (singd's ``M.from_inner().average_trace()`` times d):
+    for dense and block-diagonal M the squared Frobenius norm, one dot product per tensor."""
     if isinstance(M, (DenseMatrix, BlockDiagonalMatrixTemplate)):
-        tensors = [t for _, t in M.named_tensors() if t.numel()]
-        return torch.stack([torch.linalg.vector_norm(t) for t in tensors]).square().sum() / M.shape[0]
-    return M.from_inner().average_trace()
+        squares = [torch.dot(t.reshape(-1), t.reshape(-1)) for _, t in M.named_tensors() if t.numel()]
+        return squares[0] if len(squares) == 1 else torch.stack(squares).sum()
+    return M.from_inner().average_trace() * M.shape[0]
+
+
+def trace(H: StructuredMatrix | SymmetricSum) -> Tensor:
+    """``tr(H)`` as a 0-d tensor; for thin factors ``Σ ‖S‖²`` (one dot product each)."""
+    if not isinstance(H, SymmetricSum):
+        return H.average_trace() * H.shape[0]
+    parts = [torch.dot(S.reshape(-1), S.reshape(-1)) for S in H.factors]
+    if H.dense is not None:
+        parts.append(torch.trace(H.dense))
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 def infinity_norm(M: StructuredMatrix) -> Tensor:
@@ -40,77 +55,124 @@ def infinity_norm(M: StructuredMatrix) -> Tensor:
     return norms[0] if len(norms) == 1 else torch.stack(norms).amax()
 
 
-def skip_coefficients(ok: Tensor, dtype: torch.dtype, scale: float, alpha1: float, beta: float
-                      ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(scale, alpha1, beta)`` as 0-d tensors of ``dtype`` on ``ok``'s device: the given
-    values where the 0-d bool ``ok`` holds, ``(0, 1, 0)`` (leave M and m unchanged)
-    where not. No host data is copied (that would synchronise a GPU stream)."""
-    on = ok.to(dtype)
-    return on * scale, torch.where(ok, on * alpha1, 1.0), on * beta
+#: columns of a row of :func:`step_scalars`
+COLUMNS = ("a_H", "a_MM", "scale", "alpha1", "beta", "c_H", "c_MM", "root_c_H")
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """0-d tensors of one factor's step: ``a_H, a_MM, scale, alpha1, beta`` and the derived
+    ``c_H = scale·a_H``, ``c_MM = scale·a_MM``, ``root_c_H = √c_H``."""
+
+    a_H: Tensor
+    a_MM: Tensor
+    scale: Tensor
+    alpha1: Tensor
+    beta: Tensor
+    c_H: Tensor
+    c_MM: Tensor
+    root_c_H: Tensor
+
+    @classmethod
+    def from_row(cls, row: Tensor) -> StepScalars:
+        """Views into a row ``[len(COLUMNS)]`` of :func:`step_scalars`' table (no kernels)."""
+        return cls(*row.unbind(0))
+
+
+def step_scalars(
+    traces: Tensor, update: Tensor, *, grad_unscaling: float, damping: float, kfac_like: bool,
+    scale: float, alpha1: float, beta: float,
+) -> Tensor:
+    """Scalars of the K and C steps of ``B`` blocks at once: ``[2, B, len(COLUMNS)]``.
+
+    Args:
+        traces: ``[B, 4]`` average traces ``tr(H_K)/d_K, tr(H_C)/d_C, tr(KᵀK)/d_K,
+            tr(CᵀC)/d_C`` per block (singd's ``H.average_trace()`` and
+            ``M.from_inner().average_trace()``).
+        update: ``[B]`` bool: blocks to update; the others get ``scale = 0, alpha1 = 1,
+            beta = 0`` (and zero ``a_H, a_MM``), which leaves M and m unchanged.
+        grad_unscaling, damping, kfac_like, scale, alpha1, beta: as in singd 0.0.5.
+
+    Row 0 holds K's scalars (``a_H = grad_unscaling·tr(H_C)/d_C`` or 1 if ``kfac_like``,
+    ``a_MM = damping·tr(CᵀC)/d_C`` or ``damping``), row 1 C's (``a_H =
+    grad_unscaling·tr(H_K)/d_K`` or ``grad_unscaling``, ...). A dozen vector kernels for all blocks; no host data is copied.
+    """
+    on = update.to(traces.dtype)
+    tr = torch.where(update.unsqueeze(1), traces, 0.0)  # a skipped block's traces may be inf/NaN
+    if kfac_like:
+        a_H = torch.stack([on, on * grad_unscaling])
+        a_MM = torch.stack([on, on]) * damping
+    else:
+        a_H = torch.stack([tr[:, 1], tr[:, 0]]) * grad_unscaling
+        a_MM = torch.stack([tr[:, 3], tr[:, 2]]) * damping
+    s = (on * scale).expand(2, -1)
+    c_H = a_H * s
+    a1 = torch.where(update, on * alpha1, 1.0).expand(2, -1)
+    columns = [a_H, a_MM, s, a1, (on * beta).expand(2, -1), c_H, a_MM * s, c_H.sqrt()]
+    return torch.stack(columns, dim=-1)
 
 
 def riemannian_step_(
-    M: StructuredMatrix, H: StructuredMatrix | SymmetricSum, m_old: StructuredMatrix | None, *,
-    a_H: Tensor, a_MM: Tensor, scale: Tensor, alpha1: Tensor, beta: Tensor, normalize: bool,
-    workspace: Workspace | None = None,
+    M: StructuredMatrix, H: StructuredMatrix | SymmetricSum, m_old: StructuredMatrix | None,
+    scalars: StepScalars, *, normalize: bool, workspace: Workspace | None = None,
 ) -> StructuredMatrix:
     """``m = scale·(a_H·H + a_MM·MᵀM − I) + alpha1·m_old``; ``M ← M − β·M m``. Returns m.
 
-    All scalars are 0-d tensors on M's device (cast to M's dtype). With ``normalize``, β is divided by ``max(1, max|m|)``. ``H`` must be
-    finite. Dense M: in place in ``m_old``'s buffer (symmetric block products,
-    row-blocked ``M m``), with one ``d × d`` scratch from ``workspace`` for ``MᵀM``.
-    Block-diagonal M: batched over blocks. Other structures: singd's structured
-    arithmetic on their tensors. Returns the new momentum (``m_old`` itself where it
-    was given and M is dense or block-diagonal).
+    ``scalars`` are 0-d tensors of M's dtype on its device. With ``normalize``, β is
+    divided by ``max(1, max|m|)``. ``H`` must be finite. Dense M: in place in
+    ``m_old``'s buffer (symmetric products, row-blocked ``M m``), with one ``d × d``
+    scratch from ``workspace`` for ``MᵀM``. Block-diagonal M: batched over blocks.
+    Other structures: singd's structured arithmetic on their tensors. Returns the new
+    momentum (``m_old`` itself where it was given and M is dense or block-diagonal).
     """
-    dtype = next(t for _, t in M.named_tensors()).dtype
-    a_H, a_MM = a_H.to(dtype), a_MM.to(dtype)
-    scale, alpha1, beta = scale.to(dtype), alpha1.to(dtype), beta.to(dtype)
     if isinstance(M, DenseMatrix):
-        return _dense_step_(M, H, m_old, scale * a_H, scale * a_MM, scale, alpha1, beta, normalize, workspace)
+        return _dense_step_(M, H, m_old, scalars, normalize, workspace)
     if isinstance(M, BlockDiagonalMatrixTemplate) and type(H) is type(M):
-        return _block_step_(M, H, m_old, scale * a_H, scale * a_MM, scale, alpha1, beta, normalize)
+        return _block_step_(M, H, m_old, scalars, normalize)
     # singd's order: m = ((0 + a_H·H) + a_MM·MᵀM − I)·scale + alpha1·m_old
-    new_m = M.zeros(M.shape[0], dtype=dtype, device=scale.device)
+    dtype = scalars.scale.dtype
+    new_m = M.zeros(M.shape[0], dtype=dtype, device=scalars.scale.device)
     inner = M.from_inner()
     for (_, t), (_, h), (_, mm) in zip(new_m.named_tensors(), H.named_tensors(), inner.named_tensors()):
-        t.addcmul_(h.to(dtype), a_H).addcmul_(mm, a_MM)
+        t.addcmul_(h.to(dtype), scalars.a_H).addcmul_(mm, scalars.a_MM)
     new_m.diag_add_(-1.0)  # may rebuild the matrix's tensors: iterate them afterwards
     old_tensors = [t for _, t in m_old.named_tensors()] if m_old is not None else None
     for i, (_, t) in enumerate(new_m.named_tensors()):
-        t.mul_(scale)
+        t.mul_(scalars.scale)
         if old_tensors is not None:
-            t.addcmul_(old_tensors[i], alpha1)
-    if normalize:
-        beta = beta / infinity_norm(new_m).clamp_min(1.0)
+            t.addcmul_(old_tensors[i], scalars.alpha1)
+    beta = scalars.beta / infinity_norm(new_m).clamp_min(1.0) if normalize else scalars.beta
     product = M @ new_m
     for (_, t), (_, p) in zip(M.named_tensors(), product.named_tensors()):
         t.addcmul_(p, -beta)
     return new_m
 
 
-def _dense_step_(M, H, m_old, c_H, c_MM, scale, alpha1, beta, normalize, workspace):
+def _dense_step_(M, H, m_old, scalars: StepScalars, normalize: bool, workspace):
     mat = M.to_dense()
-    d = mat.shape[0]
-    buf = m_old.to_dense().mul_(alpha1) if m_old is not None else torch.zeros_like(mat)
-    inner = (workspace.take((d, d), mat) if workspace is not None else torch.empty_like(mat)).zero_()
-    symmetric_addmm_(inner, mat.T, mat, alpha=1.0)
-    buf.addcmul_(inner, c_MM)
-    _add_statistics_(buf, H, c_H)
-    buf.diagonal().sub_(scale)
+    buf = m_old.to_dense().mul_(scalars.alpha1) if m_old is not None else torch.zeros_like(mat)
+    if launch_bound(mat.device):  # one GEMM into a fresh d × d product
+        inner = mat.T @ mat
+    else:  # lower block triangle only, into reused scratch
+        d = mat.shape[0]
+        inner = (workspace.take((d, d), mat) if workspace is not None else torch.empty_like(mat)).zero_()
+        symmetric_addmm_(inner, mat.T, mat, alpha=1.0)
+    buf.addcmul_(inner, scalars.c_MM)
+    _add_statistics_(buf, H, scalars.c_H, scalars.root_c_H)
+    buf.diagonal().sub_(scalars.scale)
     new_m = m_old if m_old is not None else DenseMatrix(buf)
+    beta = scalars.beta
     if normalize:
         beta = beta / torch.linalg.vector_norm(buf, ord=float("inf")).clamp_min(1.0)
     right_multiply_update_(mat, buf, beta, workspace=workspace)
     return new_m
 
 
-def _add_statistics_(target: Tensor, H: SymmetricSum | StructuredMatrix, coefficient: Tensor) -> None:
-    """``target += coefficient · H`` (``coefficient >= 0``, a 0-d tensor)."""
+def _add_statistics_(target: Tensor, H: SymmetricSum | StructuredMatrix, coefficient: Tensor, root: Tensor) -> None:
+    """``target += coefficient · H`` (``root = √coefficient``, 0-d tensors)."""
     if not isinstance(H, SymmetricSum):
         target.addcmul_(H.to_dense().to(target.dtype), coefficient)
         return
-    root = coefficient.sqrt()
     for S in H.factors:  # c·S Sᵀ = (√c S)(√c S)ᵀ: a thin scaled copy, no d × d temporary
         S = S.to(target.dtype) * root
         symmetric_addmm_(target, S, S.T, alpha=1.0)
@@ -118,11 +180,11 @@ def _add_statistics_(target: Tensor, H: SymmetricSum | StructuredMatrix, coeffic
         target.addcmul_(H.dense.to(target.dtype), coefficient)
 
 
-def _block_step_(M, H, m_old, c_H, c_MM, scale, alpha1, beta, normalize):
+def _block_step_(M, H, m_old, scalars: StepScalars, normalize: bool):
     """Batched over blocks, in place in m_old. ``MᵀM`` is singd 0.0.5's block-diagonal
     ``from_inner()``, which is ``M Mᵀ`` per block (reproduced for parity with stock)."""
-    dtype = c_H.dtype
-    new_m = m_old if m_old is not None else M.zeros(M.shape[0], dtype=dtype, device=c_H.device)
+    dtype = scalars.scale.dtype
+    new_m = m_old if m_old is not None else M.zeros(M.shape[0], dtype=dtype, device=scalars.scale.device)
     Ms, Hs, ms = dict(M.named_tensors()), dict(H.named_tensors()), dict(new_m.named_tensors())
     for key in ("_blocks", "_last"):
         mat, buf = Ms[key], ms[key]
@@ -131,12 +193,11 @@ def _block_step_(M, H, m_old, c_H, c_MM, scale, alpha1, beta, normalize):
         batched = mat.unsqueeze(0) if mat.dim() == 2 else mat
         buf_b = buf.unsqueeze(0) if buf.dim() == 2 else buf
         if m_old is not None:
-            buf_b.mul_(alpha1)
-        buf_b.addcmul_(Hs[key].to(dtype).view_as(buf_b), c_H)
-        buf_b.addcmul_(torch.bmm(batched, batched.transpose(1, 2)), c_MM)
-        buf_b.diagonal(dim1=1, dim2=2).sub_(scale)
-    if normalize:
-        beta = beta / infinity_norm(new_m).clamp_min(1.0)
+            buf_b.mul_(scalars.alpha1)
+        buf_b.addcmul_(Hs[key].to(dtype).view_as(buf_b), scalars.c_H)
+        buf_b.addcmul_(torch.bmm(batched, batched.transpose(1, 2)), scalars.c_MM)
+        buf_b.diagonal(dim1=1, dim2=2).sub_(scalars.scale)
+    beta = scalars.beta / infinity_norm(new_m).clamp_min(1.0) if normalize else scalars.beta
     for key in ("_blocks", "_last"):
         mat, buf = Ms[key], ms[key]
         if mat.numel():

@@ -68,7 +68,13 @@ from kfac_tn.optim.distributed import (
 )
 from kfac_tn.optim.parameter_update import apply_updates_
 from kfac_tn.optim.pending import SymmetricSum
-from kfac_tn.optim.riemannian_update import average_trace_inner, riemannian_step_, skip_coefficients
+from kfac_tn.optim.riemannian_update import (
+    StepScalars,
+    riemannian_step_,
+    step_scalars,
+    trace,
+    trace_inner,
+)
 from kfac_tn.optim.structured_products import (
     block_sandwich,
     inner_with,
@@ -158,6 +164,7 @@ class SINGD(StockSINGD):
         fraction("update_worker_fraction", update_worker_fraction)
         self.update_worker_fraction = float(update_worker_fraction)
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
+        self._dims_cache: dict[tuple, Tensor] = {}
         # scratch memory, freed after each step: one for the statistics (backward pass,
         # when activations are alive: kept small), one for step()'s products
         self._stats_workspace = Workspace()
@@ -347,60 +354,6 @@ class SINGD(StockSINGD):
             self.H_Ks[name], self.H_Cs[name] = H_K, H_C
 
     # ---------------------------------------------------------------- update
-    def _update_preconditioner(self, module: nn.Module, ok: Tensor) -> Tensor | None:
-        """Riemannian update of one (non-banked) layer's K, C blocks, without host syncs.
-
-        Skipped on the device (K, C, momenta keep their bits) unless ``ok`` (the step's
-        gradient flag) holds and every statistic and trace that feeds K/C is finite.
-        Returns the 0-d bool "skipped for non-finite statistics alone", or None when the
-        layer was not due or had no statistics.
-        """
-        T = self._get_param_group_entry(module, "T")
-        if self.steps % T != 0:
-            return None
-        name = self.module_names[module]
-        H_Ks, H_Cs = self.H_Ks.pop(name, None), self.H_Cs.pop(name, None)
-        if H_Ks is None or H_Cs is None:
-            warn(
-                f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
-                "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
-                "is left unchanged.", stacklevel=2)
-            return None
-        traces = [(H_K.average_trace(), H_C.average_trace()) for H_K, H_C in zip(H_Ks, H_Cs)]
-        finite = _all_finite(H_Ks + H_Cs, [t for pair in traces for t in pair])
-        update = finite & ok
-        for H in H_Ks + H_Cs:  # a skipped update must not meet inf/NaN (0·inf is NaN)
-            for t in _tensors(H):
-                t.masked_fill_(~update, 0.0)
-        prev_grad_scale = self._get_grad_scale(self.steps - 1)
-        grad_unscaling = prev_grad_scale / self._get_grad_scale(self.steps) ** 2
-        kfac_like = self._get_param_group_entry(module, "kfac_like")
-        damping = self._get_param_group_entry(module, "damping")
-        alpha1 = self._get_param_group_entry(module, "alpha1")
-        normalize = self._get_param_group_entry(module, "normalize_lr_cov")
-        lr_cov = self._get_param_group_entry(module, "lr_cov")
-        dtype = torch.promote_types(_dtype(self.Ks[name][0]), _dtype(self.Cs[name][0]))
-        scale, alpha1_t, beta = skip_coefficients(
-            update, dtype, 0.5 * (1.0 - alpha1 if normalize else 1.0), alpha1,
-            lr_cov(self.steps) if callable(lr_cov) else lr_cov)
-        for b, (K, C, H_K, H_C) in enumerate(zip(self.Ks[name], self.Cs[name], H_Ks, H_Cs)):
-            self._step_workspace.reset()
-            tr_KK, tr_CC = average_trace_inner(K), average_trace_inner(C)
-            tr_HK, tr_HC = (torch.where(update, t, 0.0) for t in traces[b])
-            m_K = self.m_Ks[name][b] if alpha1 != 0.0 else None
-            m_C = self.m_Cs[name][b] if alpha1 != 0.0 else None
-            common = dict(scale=scale, alpha1=alpha1_t, beta=beta, normalize=normalize, workspace=self._step_workspace)
-            new_m_K = riemannian_step_(
-                K, H_K, m_K, a_H=torch.ones_like(tr_HC) if kfac_like else grad_unscaling * tr_HC,
-                a_MM=damping * (torch.ones_like(tr_CC) if kfac_like else tr_CC), **common)
-            new_m_C = riemannian_step_(
-                C, H_C, m_C, a_H=grad_unscaling * (torch.ones_like(tr_HK) if kfac_like else tr_HK),
-                a_MM=damping * (torch.ones_like(tr_KK) if kfac_like else tr_KK), **common)
-            if alpha1 != 0.0:
-                self.m_Ks[name][b], self.m_Cs[name][b] = new_m_K, new_m_C
-        self._invalidate(name)
-        return ~finite & ok  # a step skipped for its gradients is reported once, by step()
-
     def _invalidate(self, name: str) -> None:
         cache = self._cache.get(name)
         if cache is not None:
@@ -557,43 +510,111 @@ class SINGD(StockSINGD):
         return buffers
 
     def _update_layers(self, ok: Tensor) -> None:
-        """Update the non-banked layers' pre-conditioners (spread over ranks if asked);
-        report layers skipped for non-finite statistics once their flags reach the host."""
-        modules = [m for m, name in self.module_names.items() if name not in self._bank_of]
+        """Update the due non-banked layers' pre-conditioners (spread over ranks if asked)."""
+        modules = [m for m, name in self.module_names.items()
+                   if name not in self._bank_of and self.steps % self._get_param_group_entry(m, "T") == 0]
         groups = worker_groups(self.update_worker_fraction) if is_distributed() else [[0]]
-        flags: list[tuple[str, Tensor]] = []
         if len(groups) > 1:
             owners = self._update_owners(len(groups))
             mine = next(i for i, members in enumerate(groups) if dist.get_rank() in members)
-            updated = []
+            mine_modules = []
             for module in modules:
-                if self.steps % self._get_param_group_entry(module, "T") != 0:
-                    continue
                 name = self.module_names[module]
                 if owners[name] == mine:
-                    flag = self._update_preconditioner(module, ok)
-                    if flag is not None:
-                        flags.append((name, flag))
+                    mine_modules.append(module)
                 else:  # another group updates it; drop the local copy of the statistics
                     self.H_Ks.pop(name, None)
                     self.H_Cs.pop(name, None)
-                updated.append(name)
-            self._broadcast_preconditioners(updated, owners, groups)
+            self._update_preconditioners(mine_modules, ok)
+            self._broadcast_preconditioners([self.module_names[m] for m in modules], owners, groups)
         else:
-            for module in modules:
-                flag = self._update_preconditioner(module, ok)
-                if flag is not None:
-                    flags.append((self.module_names[module], flag))
-        if flags:
-            names, step = [name for name, _ in flags], self.steps
+            self._update_preconditioners(modules, ok)
 
-            def report(values: list, names=names, step=step) -> None:
-                for name, skipped in zip(names, values):
-                    if skipped:
-                        warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
-                             "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
+    def _update_preconditioners(self, modules: list[nn.Module], ok: Tensor) -> None:
+        """Riemannian updates of these layers' K, C blocks, without host syncs.
 
-            self._deferred.post(torch.stack([flag for _, flag in flags]), report)
+        The scalars of every block of a parameter group (traces, step sizes, skip flags)
+        are formed together by a few vector kernels (:func:`step_scalars`). A block is
+        skipped on the device (K, C, momenta keep their bits) unless ``ok`` (the step's
+        gradient flag) holds and every statistic and trace that feeds K/C is finite;
+        layers skipped for their statistics are reported once the flags reach the host.
+        """
+        by_group: dict[int, list] = {}
+        for module in modules:
+            name = self.module_names[module]
+            H_Ks, H_Cs = self.H_Ks.pop(name, None), self.H_Cs.pop(name, None)
+            if H_Ks is None or H_Cs is None:
+                warn(
+                    f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
+                    "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
+                    "is left unchanged.", stacklevel=3)
+                continue
+            group_idx = self.param_to_group_idx[module.weight.data_ptr()]
+            for b, (K, C, H_K, H_C) in enumerate(zip(self.Ks[name], self.Cs[name], H_Ks, H_Cs)):
+                by_group.setdefault(group_idx, []).append((name, b, K, C, H_K, H_C))
+        for group_idx, blocks in by_group.items():
+            self._update_blocks(self.param_groups[group_idx], blocks, ok)
+
+    def _update_blocks(self, group: dict, blocks: list, ok: Tensor) -> None:
+        """One parameter group's blocks ``(name, b, K, C, H_K, H_C)``: see :meth:`_update_preconditioners`."""
+        raw = []
+        for _, _, K, C, H_K, H_C in blocks:
+            tr_HK, tr_HC = trace(H_K), trace(H_C)
+            sums = _untraced_sums(H_K) + _untraced_sums(H_C)
+            check = torch.stack(sums).sum() if sums else tr_HK
+            raw += [tr_HK, tr_HC, trace_inner(K), trace_inner(C), check]
+        raw = torch.stack(raw).view(len(blocks), 5)
+        finite = torch.isfinite(raw).all(1)
+        update = finite & ok
+        traces = raw[:, :4] / self._block_dims(blocks, raw)
+        alpha1, normalize, lr_cov = group["alpha1"], group["normalize_lr_cov"], group["lr_cov"]
+        prev_grad_scale = self._get_grad_scale(self.steps - 1)
+        table = step_scalars(
+            traces, update, grad_unscaling=prev_grad_scale / self._get_grad_scale(self.steps) ** 2,
+            damping=group["damping"], kfac_like=group["kfac_like"],
+            scale=0.5 * (1.0 - alpha1 if normalize else 1.0), alpha1=alpha1,
+            beta=lr_cov(self.steps) if callable(lr_cov) else lr_cov,
+        )
+        skip = ~update
+        tables: dict[torch.dtype, Tensor] = {table.dtype: table}
+        for i, (name, b, K, C, H_K, H_C) in enumerate(blocks):
+            for H in (H_K, H_C):  # a skipped update must not meet inf/NaN (0·inf is NaN)
+                for t in _tensors(H):
+                    t.masked_fill_(skip[i], 0.0)
+            m_Ks, m_Cs = self.m_Ks.get(name), self.m_Cs.get(name)
+            for side, (M, H, momenta, store) in enumerate(((K, H_K, m_Ks, self.m_Ks), (C, H_C, m_Cs, self.m_Cs))):
+                dtype = _dtype(M)
+                if dtype not in tables:
+                    tables[dtype] = table.to(dtype)
+                self._step_workspace.reset()
+                new_m = riemannian_step_(
+                    M, H, momenta[b] if momenta is not None and alpha1 != 0.0 else None,
+                    StepScalars.from_row(tables[dtype][side, i]), normalize=normalize,
+                    workspace=self._step_workspace,
+                )
+                if alpha1 != 0.0:
+                    store[name][b] = new_m
+        names = list(dict.fromkeys(name for name, *_ in blocks))
+        for name in names:
+            self._invalidate(name)
+        block_names, step = [name for name, *_ in blocks], self.steps
+
+        def report(values: list, block_names=block_names, step=step) -> None:
+            for name in dict.fromkeys(n for n, skipped in zip(block_names, values) if skipped):
+                warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
+                     "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
+
+        # a step skipped for its gradients is reported once, by step()
+        self._deferred.post(~finite & ok, report)
+
+    def _block_dims(self, blocks: list, like: Tensor) -> Tensor:
+        """``[B, 4]`` of ``(d_K, d_C, d_K, d_C)`` per block, on the device (cached per block list)."""
+        key = tuple((name, b) for name, b, *_ in blocks)
+        dims = self._dims_cache.get(key)
+        if dims is None or dims.device != like.device or dims.dtype != like.dtype:
+            rows = [(K.shape[0], C.shape[0], K.shape[0], C.shape[0]) for _, _, K, C, _, _ in blocks]
+            dims = self._dims_cache[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
+        return dims
 
     @staticmethod
     def _warn_skipped_step(not_ok: bool) -> None:
@@ -774,6 +795,14 @@ def _tensors(H) -> list[Tensor]:
     if isinstance(H, SymmetricSum):
         return H.tensors()
     return [t for _, t in H.named_tensors()]
+
+
+def _untraced_sums(H) -> list[Tensor]:
+    """Sums over the entries of statistics ``H`` that its trace does not see (dense parts,
+    structured tensors), so that a finite trace and finite sums mean finite entries."""
+    if isinstance(H, SymmetricSum):  # tr(S Sᵀ) = ‖S‖² covers every entry of a thin factor
+        return [H.dense.sum()] if H.dense is not None else []
+    return [t.sum() for _, t in H.named_tensors() if t.numel()]
 
 
 def _diagonal(M: DiagonalMatrix) -> Tensor:
