@@ -150,21 +150,56 @@ def test_conv_transpose_equals_stock_on_flipped_conv(structure):
     torch.testing.assert_close(tconv.weight.data.transpose(0, 1).flip(-1, -2), conv.weight.data)
 
 
-def test_state_dict_round_trip_is_bit_identical():
+@pytest.mark.parametrize("structures", [("dense", "diagonal"), ("diagonal", "diagonal"),
+                                        ("block30diagonal", "block30diagonal")])
+@pytest.mark.parametrize("pending", [False, True], ids=["after_step", "between_backward_and_step"])
+def test_state_dict_round_trip_is_bit_identical(structures, pending):
+    """Resume through torch.save/torch.load equals the uninterrupted run, also from a
+    checkpoint with pending statistics (taken between backward() and step())."""
+    import io
+
     data = _data((6, 3, 7, 7))
-    kwargs = dict(lr=0.1, lr_cov=0.1, T=2, structures=("dense", "diagonal"))
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=2, structures=structures)
     m1 = _cnn()
     uninterrupted = _train(m1, kfac_tn.SINGD(m1, **kwargs), data, 5)
     m2 = _cnn()
     opt2 = kfac_tn.SINGD(m2, **kwargs)
-    _train(m2, opt2, data, 3)
-    state, weights = opt2.state_dict(), m2.state_dict()
+    _train(m2, opt2, data, 2 if pending else 3)
+    if pending:  # step 2 is a statistics step (T = 2): its backward pass is in the checkpoint
+        opt2.zero_grad()
+        nn.functional.cross_entropy(m2(data[0]), data[1]).backward()
+        assert opt2.H_Ks
+    buffer = io.BytesIO()
+    torch.save({"opt": opt2.state_dict(), "model": m2.state_dict(),
+                "grads": [p.grad for p in m2.parameters()]}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
     m3 = _cnn()
-    m3.load_state_dict(weights)
+    m3.load_state_dict(checkpoint["model"])
     opt3 = kfac_tn.SINGD(m3, **kwargs)
-    opt3.load_state_dict(state)
+    opt3.load_state_dict(checkpoint["opt"])
+    if pending:
+        for p, g in zip(m3.parameters(), checkpoint["grads"]):
+            p.grad = g
+        opt3.step()
     resumed = _train(m3, opt3, data, 2)
     assert torch.equal(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal", "hierarchical15_15"])
+def test_normalized_lr_cov_matches_stock(structure, stock_float64):
+    """normalize_lr_cov divides the step size by the momentum's largest entry (per factor)."""
+    dtype = torch.float64
+    X, y = _data((6, 3, 7, 7))
+    data = (30 * X.to(dtype), y)  # large statistics: the momenta's entries exceed 1, so it matters
+    kwargs = dict(lr=0.1, lr_cov=0.5, T=1, structures=(structure, structure), normalize_lr_cov=True,
+                  alpha1=0.5, damping=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m1, m2 = _cnn().to(dtype), _cnn().to(dtype)
+        ref = _train(m1, StockSINGD(m1, **kwargs), data, 4)
+        ours = _train(m2, kfac_tn.SINGD(m2, **kwargs), data, 4)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_state_dict_of_another_model_is_rejected():

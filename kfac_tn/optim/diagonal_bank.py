@@ -78,6 +78,10 @@ class DiagonalBank:
         return ([DiagonalMatrix(k) for k in self.K_view(buffer, name)],
                 [DiagonalMatrix(c) for c in self.C_view(buffer, name)])
 
+    def loaded_(self) -> None:
+        """Refresh derived buffers after ``values`` were overwritten (a loaded state)."""
+        self.squares.copy_(self.values.square())
+
     # -------------------------------------------------------- statistics
     def add_statistics(self, name: str, sum_A: Tensor, scale_A: float, sum_G: Tensor, scale_G: float) -> None:
         """Accumulate ``H_K = K² ⊙ diag(A)`` and ``H_C = C² ⊙ diag(G)`` of one backward pass.

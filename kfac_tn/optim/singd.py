@@ -56,6 +56,7 @@ from kfac_tn.factors import (
     input_rows,
 )
 from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, num_positions
+from kfac_tn.optim.block_bank import BlockBank
 from kfac_tn.optim.deferred import DeferredFlags
 from kfac_tn.optim.diagonal_bank import DiagonalBank
 from kfac_tn.optim.distributed import (
@@ -171,8 +172,8 @@ class SINGD(StockSINGD):
         self._step_workspace = Workspace()
         self._natural_gradient_workspace = Workspace()  # a step's results, until the update
         self._in_flight: list = []
-        self._banks: dict[int, DiagonalBank] = {}  # param group index -> bank
-        self._bank_of: dict[str, DiagonalBank] = {}
+        self._banks: list[tuple[int, DiagonalBank | BlockBank]] = []  # (param group index, bank)
+        self._bank_of: dict[str, DiagonalBank | BlockBank] = {}
         self._deferred = DeferredFlags()
         super().__init__(
             model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
@@ -218,8 +219,9 @@ class SINGD(StockSINGD):
             (dtype_K, dtype_C), dev = self._get_preconditioner_dtypes_and_device(module)
             structures = self._get_param_group_entry(module, "structures")
             G = num_blocks(module, self._group_average)
-            if self._bankable(structures, dtype_K, dtype_C):
-                key = (self.param_to_group_idx[module.weight.data_ptr()], dtype_K, dev)
+            kind = self._bank_kind(structures, dtype_K, dtype_C)
+            if kind is not None:
+                key = (kind, self.param_to_group_idx[module.weight.data_ptr()], dtype_K, dev)
                 banked.setdefault(key, {})[name] = (G, dim_K, dim_C)
                 continue
             K_cls = self.SUPPORTED_STRUCTURES[structures[0]]
@@ -231,10 +233,13 @@ class SINGD(StockSINGD):
                 self.m_Ks[name] = [K_cls.zeros(dim_K, dtype=dtype_K, device=dev) for _ in blocks]
                 self.m_Cs[name] = [C_cls.zeros(dim_C, dtype=dtype_C, device=dev) for _ in blocks]
             self._cache[name] = {"KKT": [None for _ in blocks], "CCT": [None for _ in blocks]}
-        for (group_idx, dtype, dev), layers in banked.items():
+        for (kind, group_idx, dtype, dev), layers in banked.items():
             momenta = self.param_groups[group_idx]["alpha1"] != 0.0
-            bank = DiagonalBank(layers, dtype, dev, momenta)
-            self._banks[group_idx] = bank
+            if kind == "diagonal":
+                bank = DiagonalBank(layers, dtype, dev, momenta)
+            else:
+                bank = BlockBank(layers, self.SUPPORTED_STRUCTURES[kind], dtype, dev, momenta)
+            self._banks.append((group_idx, bank))
             for name in layers:
                 self._bank_of[name] = bank
             self._bind_bank_views(bank)
@@ -245,13 +250,20 @@ class SINGD(StockSINGD):
             store.clear()
             store.update({name: items[name] for name in order if name in items})
 
-    def _bankable(self, structures, dtype_K: torch.dtype, dtype_C: torch.dtype) -> bool:
-        """Whether a layer's K, C go into a fused :class:`DiagonalBank` (diagonal, one dtype,
-        every rank updates every layer)."""
-        return (tuple(structures) == ("diagonal", "diagonal") and dtype_K == dtype_C
-                and self.update_worker_fraction == 1.0)
+    def _bank_kind(self, structures, dtype_K: torch.dtype, dtype_C: torch.dtype) -> str | None:
+        """The structure whose bank holds a layer's K and C (``"diagonal"`` or a block-diagonal
+        structure's name), or None for per-layer storage: banks need one structure and one
+        dtype for K and C, and every rank updating every layer."""
+        K_structure, C_structure = structures
+        if K_structure != C_structure or dtype_K != dtype_C or self.update_worker_fraction != 1.0:
+            return None
+        if K_structure == "diagonal":
+            return K_structure
+        if issubclass(self.SUPPORTED_STRUCTURES[K_structure], BlockDiagonalMatrixTemplate):
+            return K_structure
+        return None
 
-    def _bind_bank_views(self, bank: DiagonalBank) -> None:
+    def _bind_bank_views(self, bank: DiagonalBank | BlockBank) -> None:
         """``Ks, Cs, m_Ks, m_Cs`` of the bank's layers: singd matrices viewing its buffers."""
         for name in bank.layout:
             self.Ks[name], self.Cs[name] = bank.matrices(bank.values, name)
@@ -321,9 +333,21 @@ class SINGD(StockSINGD):
         bank = self._bank_of.get(name)
         if bank is not None:
             ga = self._group_average
-            sum_A, scale_A = input_factor_diagonal_sum(module, a, kfac_approx, ga)
-            sum_G, scale_G = grad_output_factor_diagonal_sum(module, g, kfac_approx, loss_average, ga)
-            bank.add_statistics(name, sum_A, scale_A, sum_G, scale_G / prev_grad_scale)
+            if isinstance(bank, DiagonalBank):
+                sum_A, scale_A = input_factor_diagonal_sum(module, a, kfac_approx, ga)
+                sum_G, scale_G = grad_output_factor_diagonal_sum(module, g, kfac_approx, loss_average, ga)
+                bank.add_statistics(name, sum_A, scale_A, sum_G, scale_G / prev_grad_scale)
+            else:
+                self._stats_workspace.reset()
+                blocks, last = input_factor_blocks(module, a, bank.block, kfac_approx, ga,
+                                                   workspace=self._stats_workspace)
+                for group, (b, r) in enumerate(zip(blocks, last)):
+                    bank.add_statistics(name, 0, group, b, r, 1.0)
+                self._stats_workspace.reset()
+                blocks, last = grad_output_factor_blocks(module, g, bank.block, kfac_approx, loss_average, ga,
+                                                         workspace=self._stats_workspace)
+                for group, (b, r) in enumerate(zip(blocks, last)):
+                    bank.add_statistics(name, 1, group, b, r, 1.0 / prev_grad_scale)
             if name not in self.H_Ks:
                 self.H_Ks[name], self.H_Cs[name] = bank.matrices(bank.stats, name)
             return
@@ -382,6 +406,10 @@ class SINGD(StockSINGD):
         ``natural_gradient_cache="none"``: one batched product per step instead of two.
         None where there is no cache.
         """
+        bank = self._bank_of.get(name)
+        if isinstance(bank, BlockBank) and self.natural_gradient_cache != "none":
+            K_projectors, C_projectors = bank.projectors(name)
+            return (K_projectors if key == "KKT" else C_projectors)[b]
         if isinstance(M, DenseMatrix):
             if not self._cache_pays(T, dim, other):
                 return None
@@ -469,9 +497,10 @@ class SINGD(StockSINGD):
         self._deferred.poll()
         ok = self._gradients_ok(getattr(self, "found_inf", None))
         if is_distributed():
-            for bank in self._banks.values():
-                all_reduce_flat([bank.stats], dist.ReduceOp.AVG if self._bank_loss_average(bank) else dist.ReduceOp.SUM)
-        for group_idx, bank in self._banks.items():
+            for group_idx, bank in self._banks:
+                loss_average = self.param_groups[group_idx]["loss_average"]
+                all_reduce_flat([bank.stats], dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM)
+        for group_idx, bank in self._banks:
             self._update_bank(group_idx, bank, ok)
         self._update_layers(ok)
         for group_idx, group in enumerate(self.param_groups):
@@ -480,7 +509,7 @@ class SINGD(StockSINGD):
             for module, name in self.module_names.items():
                 if module.weight.grad is None or self.param_to_group_idx[module.weight.data_ptr()] != group_idx:
                     continue  # the layer took no part in this step's loss, or is in another group
-                if name in self._bank_of:
+                if isinstance(self._bank_of.get(name), DiagonalBank):
                     pairs = self._bank_natural_gradient(module, name)
                 else:
                     nats = self._compute_natural_gradient(module)
@@ -621,10 +650,6 @@ class SINGD(StockSINGD):
         if not_ok:
             warn("Encountered inf in gradients. Skipping update.", stacklevel=3)
 
-    def _bank_loss_average(self, bank: DiagonalBank):
-        group_idx = next(i for i, b in self._banks.items() if b is bank)
-        return self.param_groups[group_idx]["loss_average"]
-
     def _gradients_ok(self, found_inf: Tensor | None) -> Tensor:
         """0-d bool on the device: no inf/NaN in any gradient (and none found by a GradScaler)."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -637,8 +662,9 @@ class SINGD(StockSINGD):
             ok = ok & (found_inf == 0)
         return ok
 
-    def _update_bank(self, group_idx: int, bank: DiagonalBank, ok: Tensor) -> None:
-        """Update every due layer of one bank at once (see :meth:`DiagonalBank.update_`)."""
+    def _update_bank(self, group_idx: int, bank: DiagonalBank | BlockBank, ok: Tensor) -> None:
+        """Update every due layer of one bank at once (see :meth:`DiagonalBank.update_`,
+        :meth:`BlockBank.update_`)."""
         group = self.param_groups[group_idx]
         if self.steps % group["T"] != 0:
             return
@@ -664,11 +690,11 @@ class SINGD(StockSINGD):
                 normalize=normalize,
             )
             names, step = list(bank.layout), self.steps
-            first = [bank.first_segment[n] for n in names]
+            first = [bank.first_segment[n] for n in names] + [bank.num_segments]
 
             def report(flags: list, names=names, first=first, step=step) -> None:
-                for name, s in zip(names, first):
-                    if flags[s]:
+                for i, name in enumerate(names):
+                    if any(flags[first[i] : first[i + 1]]):
                         warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
                              "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
 
@@ -745,10 +771,10 @@ class SINGD(StockSINGD):
         super().load_state_dict(dict(state_dict))
         for name in self._cache:
             self._invalidate(name)
-        for bank in self._banks.values():
+        for _, bank in self._banks:
             self._load_bank(bank)
 
-    def _load_bank(self, bank: DiagonalBank) -> None:
+    def _load_bank(self, bank: DiagonalBank | BlockBank) -> None:
         """Copy the loaded K, C, momenta and pending statistics of a bank's layers into its
         buffers and point ``Ks, Cs, m_Ks, m_Cs, H_Ks, H_Cs`` back at them."""
         loaded = {key: dict(getattr(self, key)) for key in ("Ks", "Cs", "m_Ks", "m_Cs", "H_Ks", "H_Cs")}
@@ -758,12 +784,13 @@ class SINGD(StockSINGD):
             for key_K, key_C, buffer in targets:
                 if buffer is None or name not in loaded[key_K]:
                     continue
-                for view, matrices in ((bank.K_view(buffer, name), loaded[key_K][name]),
-                                       (bank.C_view(buffer, name), loaded[key_C][name])):
-                    view.copy_(torch.stack([_diagonal(M) for M in matrices]))
+                views_K, views_C = bank.matrices(buffer, name)
+                for view, matrix in zip(views_K + views_C, loaded[key_K][name] + loaded[key_C][name]):
+                    for (_, target), (_, source) in zip(view.named_tensors(), matrix.named_tensors()):
+                        target.copy_(source)
                 if key_K == "H_Ks":
-                    self.H_Ks[name], self.H_Cs[name] = bank.matrices(bank.stats, name)
-        bank.squares.copy_(bank.values.square())
+                    self.H_Ks[name], self.H_Cs[name] = views_K, views_C
+        bank.loaded_()
         self._bind_bank_views(bank)
 
 
