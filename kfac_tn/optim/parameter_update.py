@@ -14,6 +14,20 @@ import torch
 from torch import Tensor
 
 
+def mask_steps_(steps: list[Tensor], ok: Tensor, flats: list[Tensor] = ()) -> list[Tensor]:
+    """``steps`` zeroed where the 0-d bool ``ok`` is false (inf/NaN included), no host sync.
+
+    Steps that live in one of the flat buffers ``flats`` (e.g. the used part of the
+    workspace they were written into) are masked by one kernel per buffer, in place;
+    the others by one kernel each (new tensors).
+    """
+    storages = set()
+    for flat in flats:
+        torch.where(ok, flat, torch.zeros((), dtype=flat.dtype, device=flat.device), out=flat)
+        storages.add(flat.untyped_storage().data_ptr())
+    return [s if s.untyped_storage().data_ptr() in storages else torch.where(ok, s, 0.0) for s in steps]
+
+
 def apply_updates_(
     params: list[Tensor],
     steps: list[Tensor],
@@ -23,6 +37,7 @@ def apply_updates_(
     momentum: float,
     weight_decay: float,
     ok: Tensor | None = None,
+    masked: bool = False,
 ) -> None:
     """Update ``params`` in place by their preconditioned gradients ``steps``.
 
@@ -32,13 +47,13 @@ def apply_updates_(
         buffers: momentum buffers (updated in place), or None when ``momentum == 0``.
         lr, momentum, weight_decay: as in ``torch.optim.SGD``.
         ok: optional 0-d bool tensor on the parameters' device; false skips the update.
+        masked: the steps are already zero where ``ok`` is false (:func:`mask_steps_`).
     """
     if not params:
         return
-    if ok is not None:
+    if ok is not None and not masked:
         # a skipped step may carry inf/NaN: select zeros instead (multiplying would keep NaN)
-        zero = torch.zeros((), dtype=steps[0].dtype, device=steps[0].device)
-        steps = [torch.where(ok, s, zero) for s in steps]
+        steps = mask_steps_(steps, ok)
     if weight_decay != 0.0:
         if ok is None:
             torch._foreach_add_(steps, params, alpha=weight_decay)

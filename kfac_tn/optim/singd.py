@@ -67,7 +67,7 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     worker_groups,
 )
-from kfac_tn.optim.parameter_update import apply_updates_
+from kfac_tn.optim.parameter_update import apply_updates_, mask_steps_
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.riemannian_update import (
     StepScalars,
@@ -521,8 +521,10 @@ class SINGD(StockSINGD):
             if params:  # one foreach update for the whole group
                 if is_distributed():
                     all_reduce_flat(steps, dist.ReduceOp.AVG if group["loss_average"] else dist.ReduceOp.SUM)
-                apply_updates_([p.data for p in params], steps, self._momentum_buffers(params, group), **hyper)
-        self._natural_gradient_workspace.reset()
+                steps = mask_steps_(steps, ok, self._natural_gradient_workspace.in_use())
+                apply_updates_([p.data for p in params], steps, self._momentum_buffers(params, group),
+                               masked=True, **hyper)
+                self._natural_gradient_workspace.reset()
         self._deferred.post(~ok, self._warn_skipped_step)
         self.steps += 1
         self._remove_used_grad_scales()
@@ -655,9 +657,8 @@ class SINGD(StockSINGD):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         device = next(iter(self._layouts.values()))[0]
         ok = torch.ones((), dtype=torch.bool, device=device)
-        if grads:
-            norms = torch._foreach_norm(grads)
-            ok = torch.isfinite(torch.stack(norms).sum())
+        if grads:  # largest magnitudes: inf/NaN propagate, large finite values do not overflow
+            ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
         if found_inf is not None:
             ok = ok & (found_inf == 0)
         return ok
@@ -711,10 +712,15 @@ class SINGD(StockSINGD):
         out = []
         if not isinstance(module, TRANSPOSED_CONV_TYPES):  # rows of weight.flatten(1) are the blocks' rows
             w = weight.grad.reshape(G, d_C, -1)
-            nat = torch.mul(w, k2[:, None, : w.shape[2]]).mul_(c2.unsqueeze(2))
-            out.append((weight, nat.view(weight.shape)))
+            results = self._natural_gradient_workspace
+            k2_w = k2[:, None, : w.shape[2]]
+            dtype = torch.promote_types(w.dtype, k2.dtype)
+            nat = torch.mul(w, k2_w, out=results.take(w.shape, w, dtype))
+            out.append((weight, nat.mul_(c2.unsqueeze(2)).view(weight.shape)))
             if bias is not None and bias.grad is not None:
-                out.append((bias, torch.mul(bias.grad.view(G, d_C), c2).mul_(k2[:, w.shape[2] :]).view(bias.shape)))
+                b = bias.grad.view(G, d_C)
+                nat_b = torch.mul(b, c2, out=results.take(b.shape, b, dtype))
+                out.append((bias, nat_b.mul_(k2[:, w.shape[2] :]).view(bias.shape)))
         else:
             blocks = [g * k2[b] * c2[b].unsqueeze(1) for b, g in enumerate(gradient_blocks(module, self._group_average))]
             nats = from_matrix_blocks(module, blocks, bias is not None)

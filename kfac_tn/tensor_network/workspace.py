@@ -26,19 +26,24 @@ class Workspace:
         self._used: dict[tuple[torch.device, torch.dtype], int] = {}
         self._high_water: dict[tuple[torch.device, torch.dtype], int] = {}
 
-    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """An uninitialized contiguous tensor of ``shape`` with ``like``'s device and dtype."""
-        key = (like.device, like.dtype)
+    def take(self, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialized contiguous tensor of ``shape`` with ``like``'s device and dtype
+        (or ``dtype``)."""
+        key = (like.device, dtype or like.dtype)
         numel = prod(shape)
         used = self._used.get(key, 0)
         buffer = self._buffers.get(key)
         if buffer is None or used + numel > buffer.numel():
             # keep handed-out views valid: a new, larger buffer for this and later requests
-            buffer = like.new_empty(max(used + numel, self._high_water.get(key, 0)))
+            buffer = like.new_empty(max(used + numel, self._high_water.get(key, 0)), dtype=key[1])
             self._buffers[key] = buffer
         self._used[key] = used + numel
         self._high_water[key] = max(self._high_water.get(key, 0), used + numel)
         return buffer[used : used + numel].view(shape)
+
+    def in_use(self) -> list[Tensor]:
+        """The handed-out parts of the current buffers (flat views), one per device/dtype."""
+        return [self._buffers[key][:used] for key, used in self._used.items() if used]
 
     def reset(self) -> None:
         """Make every buffer available again (views handed out before must be dead)."""
