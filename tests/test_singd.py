@@ -35,9 +35,17 @@ def _cnn():
     )
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def routes(request):
+    """Run the test on kfac_tn's CPU kernel routes and on its accelerator routes (one GEMM
+    per product, unfold + GEMM for KFC, large chunks), which CI has no GPU to reach."""
+    with kfac_tn.use_routes(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_trajectory_matches_stock_singd(structure, approx, stock_float64):
+def test_trajectory_matches_stock_singd(structure, approx, stock_float64, routes):
     """Linear + ungrouped Conv2d: same arguments, same data -> same parameters.
 
     In float64, so that the only differences are rounding. The first conv takes the
@@ -187,7 +195,7 @@ def test_state_dict_round_trip_is_bit_identical(structures, pending):
 
 
 @pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal", "hierarchical15_15"])
-def test_normalized_lr_cov_matches_stock(structure, stock_float64):
+def test_normalized_lr_cov_matches_stock(structure, stock_float64, routes):
     """normalize_lr_cov divides the step size by the momentum's largest entry (per factor)."""
     dtype = torch.float64
     X, y = _data((6, 3, 7, 7))
@@ -270,7 +278,7 @@ GUARD_STRUCTURES = ["dense", "diagonal", "block30diagonal", "triltoeplitz"]
 
 
 @pytest.mark.parametrize("structure", GUARD_STRUCTURES)
-def test_non_finite_gradients_skip_the_step(structure):
+def test_non_finite_gradients_skip_the_step(structure, routes):
     """After a good step, a step with inf gradients changes nothing: parameters, K, C,
     their momenta and the momentum buffers keep their bits; its statistics are dropped."""
     model = _cnn()

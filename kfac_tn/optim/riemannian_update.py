@@ -164,7 +164,10 @@ def _dense_step_(M, H, m_old, scalars: StepScalars, normalize: bool, workspace):
     beta = scalars.beta
     if normalize:
         beta = beta / torch.linalg.vector_norm(buf, ord=float("inf")).clamp_min(1.0)
-    right_multiply_update_(mat, buf, beta, workspace=workspace)
+    if launch_bound(mat.device):  # one GEMM, into the d × d product that is dead by now
+        mat.addcmul_(torch.mm(mat, buf, out=inner), -beta)
+    else:  # blocks of rows: a small reused temporary
+        right_multiply_update_(mat, buf, beta, workspace=workspace)
     return new_m
 
 
