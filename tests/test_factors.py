@@ -21,6 +21,21 @@ def test_input_factor_matches_unfold_reference(case, approx):
     torch.testing.assert_close(ours, ref)
 
 
+@given(conv_layers(), __import__("hypothesis").strategies.sampled_from([5, 30]))
+@settings(max_examples=60, deadline=None)
+def test_accelerator_routes_match_unfold_reference(case, block):
+    """The accelerator routes (windowed-view unfolding, one chunk, unfold + GEMM for KFC),
+    which CI cannot reach on a GPU, against the independent unfold reference."""
+    layer, x = case
+    ref = reference_input_factor(layer, x, "expand")
+    with kfac_tn.use_routes("accelerator"):
+        ours = kfac_tn.input_factor(layer, x, "expand")
+        blocks = kfac_tn.factors.input_factor_blocks(layer, x, block, "expand")
+    torch.testing.assert_close(ours, ref)
+    for got, want in zip(blocks, _diagonal_blocks(ref, block)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_with_weight_sharing(approx, bias):

@@ -142,7 +142,7 @@ class BlockBank:
         finite = torch.isfinite(per_segment[:2]).all(0)
         finite = finite & finite.index_select(0, self.partner)  # a block's K and C together
         update = present & finite & ok
-        traces = torch.where(update, per_segment[[0, 2]], 0.0) / self.dims  # [2, S]
+        traces = torch.where(update, per_segment[0::2], 0.0) / self.dims  # [2, S]: tr(H), tr(M Mᵀ)
         other = traces.index_select(1, self.partner)
         on = update.to(self.dtype)
         if kfac_like:
