@@ -28,8 +28,10 @@ from kfac_tn.factors.layers import (
 )
 from kfac_tn.tensor_network.averaged_unfold import averaged_unfold
 from kfac_tn.tensor_network.block_gram import block_gram
+from kfac_tn.tensor_network.chunking import batch_chunk
 from kfac_tn.tensor_network.geometry import ConvDim
 from kfac_tn.tensor_network.kfc import kfc_factor
+from kfac_tn.tensor_network.routes import launch_bound
 from kfac_tn.tensor_network.unfold_gram import (
     unfolded_feature_chunks,
     unfolded_row_chunks,
@@ -83,10 +85,20 @@ def _conv_setup(layer: nn.Module, x: Tensor, group_average: bool) -> tuple[Tenso
     return x, dims, G
 
 
-def _averaged_unfold_of_square(x: Tensor, dims: tuple[ConvDim, ...]) -> Tensor:
-    """``Σ_n ū(x²)[n]`` ``[G·C·K..]``: ū is linear, so the batch is summed first (one
-    reduction that allocates only ``[C, I..]``), then one sample is contracted."""
-    square = torch.linalg.vector_norm(x, dim=0, keepdim=True).square_()
+def _averaged_unfold_of_square(x: Tensor, dims: tuple[ConvDim, ...], chunk_bytes: int = 2**20) -> Tensor:
+    """``Σ_n ū(x²)[n]`` ``[G·C·K..]``: ū is linear, so the batch is summed first, then one
+    sample is contracted. Accelerators: one reduction kernel (``vector_norm`` over the
+    batch); CPUs: squares of small batch chunks in a reused buffer, summed (a reduction
+    over the outermost dimension is ~10× slower there)."""
+    if launch_bound(x.device):
+        square = torch.linalg.vector_norm(x, dim=0, keepdim=True).square_()
+    else:
+        chunk = batch_chunk(x, x[0].numel() * x.element_size(), chunk_bytes)
+        buffer = x.new_empty((chunk,) + tuple(x.shape[1:]))
+        square = None
+        for part in x.split(chunk):
+            summed = torch.mul(part, part, out=buffer[: part.shape[0]]).sum(0, keepdim=True)
+            square = summed if square is None else square.add_(summed)
     return averaged_unfold(square, dims).flatten()
 
 

@@ -16,6 +16,7 @@ mean of their factors; each pass's loss should be the average over its own micro
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 from warnings import warn
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
+from kfac_tn.optim.deferred import DeferredFlags
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
     assign_greedy,
@@ -32,6 +34,7 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     worker_groups,
 )
+from kfac_tn.optim.parameter_update import apply_updates_
 from kfac_tn.optim.validation import (
     check_layout,
     fraction,
@@ -63,6 +66,14 @@ def _damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         evals, evecs = evals.to(dtype), evecs.to(dtype)
     # contiguous: ranks that receive a broadcast copy must multiply with the same layout
     return evals.clamp_min_(0).contiguous(), evecs.contiguous()
+
+
+def _warn_skipped(flags: list[bool], step: int) -> None:
+    """Warning for a skipped step, from its device flags ``[scaler found inf, skipped]``."""
+    if flags[0]:
+        warn(f"GradScaler found inf/NaN at step {step}; skipping the step (state unchanged).", stacklevel=2)
+    elif flags[1]:
+        warn(f"Non-finite gradients at step {step}; skipping the step (state unchanged).", stacklevel=2)
 
 
 class KFAC(torch.optim.Optimizer):
@@ -159,6 +170,7 @@ class KFAC(torch.optim.Optimizer):
         self._layouts = {name: (m.weight.device, m.weight.dtype) for name, m in self.layers.items()}
         self.kfac_state: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
         self._pending: dict[str, dict[str, Any]] = {}
+        self._deferred = DeferredFlags()
         self._capture = LayerCapture(self.layers, self._accumulate, self._statistics_due)
 
     # ----------------------------------------------------------- statistics
@@ -187,19 +199,45 @@ class KFAC(torch.optim.Optimizer):
         for n in names:
             self._pending[n]["count"] = 1
 
-    def _absorb_statistics(self) -> None:
+    def _absorb_statistics(self, ok: Tensor) -> None:
+        """Fold the pending factors into the running averages, on the device.
+
+        A layer's factors enter only if they are finite and ``ok`` (the step's gradient
+        flag) holds; otherwise its averages keep their bits (``torch.where`` and 0/1
+        weights, no host sync) and a warning follows once the flag reached the host.
+        ``state["absorbed"]`` (0-d bool) says whether any factors entered yet: the first
+        ones replace the (zero) averages.
+        """
+        names, flags = [], []
         for name, pending in self._pending.items():
             A, G = pending["A"] / pending["count"], pending["G"] / pending["count"]
-            if not (torch.isfinite(A.sum()) and torch.isfinite(G.sum())):
-                warn(f"Non-finite KFAC factors in layer {name!r} at step {self.steps}; they are not used.", stacklevel=2)
-                continue
+            finite = torch.isfinite(torch.stack([A.sum(), G.sum()])).all()
+            use = finite & ok
             state = self.kfac_state[name]
-            if "A" in state:
-                state["A"].mul_(self.ema_decay).add_(A, alpha=1 - self.ema_decay)
-                state["G"].mul_(self.ema_decay).add_(G, alpha=1 - self.ema_decay)
-            else:
-                state["A"], state["G"] = A, G
+            if "A" not in state:
+                state["A"], state["G"] = torch.zeros_like(A), torch.zeros_like(G)
+                state["absorbed"] = torch.zeros((), dtype=torch.bool, device=A.device)
+            on = use.to(A.dtype)
+            # old weight: ε (1 for the first factors' zero start: any value, times 0), 1 if unused
+            first = ~state["absorbed"]
+            keep = torch.where(use, torch.where(first, 0.0, self.ema_decay * on), 1.0)
+            take = torch.where(first, on, on * (1 - self.ema_decay))
+            for key, new in (("A", A), ("G", G)):
+                state[key].mul_(keep).addcmul_(torch.where(use, new, 0.0), take)
+            state["absorbed"] = state["absorbed"] | use
+            names.append(name)
+            flags.append(~finite & ok)
         self._pending = {}
+        if names:
+            step = self.steps
+
+            def report(values: list, names=names, step=step) -> None:
+                for name, skipped in zip(names, values):
+                    if skipped:
+                        warn(f"Non-finite KFAC factors in layer {name!r} at step {step}; they are not used.",
+                             stacklevel=2)
+
+            self._deferred.post(torch.stack(flags), report)
 
     # ------------------------------------------------------------- inverses
     def _damping_split(self, A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
@@ -287,23 +325,17 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._deferred.poll()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if self._unscale(grads):
-            warn(f"GradScaler found inf/NaN at step {self.steps}; skipping the step (state unchanged).", stacklevel=2)
-            self._pending = {}
-            self.steps += 1
-            return loss
+        scaler_ok = ok = self._unscale(grads)
         if is_distributed():
             # every rank averages (or sums, for a summed loss) its gradients and statistics,
             # so all ranks apply the same update as one process on the concatenated batch
             all_reduce_flat(grads, dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)
             self._all_reduce_pending()
-        if grads and not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
-            warn(f"Non-finite gradients at step {self.steps}; skipping the step (state unchanged).", stacklevel=2)
-            self._pending = {}
-            self.steps += 1
-            return loss
-        self._absorb_statistics()
+        if grads:  # largest magnitudes: inf/NaN propagate, large finite values do not overflow
+            ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
+        self._absorb_statistics(ok)
         self._update_inverses(force=self.steps % self.inverse_update_freq == 0)
         directions: dict[int, Tensor] = {}
         for name, module in self.layers.items():
@@ -312,42 +344,48 @@ class KFAC(torch.optim.Optimizer):
                 continue
             has_bias = module.bias is not None
             blocks = gradient_blocks(module, self.group_average)
-            for p, d in zip((module.weight, module.bias), from_matrix_blocks(module, self._precondition(name, blocks), has_bias)):
-                directions[id(p)] = d
+            nats = from_matrix_blocks(module, self._precondition(name, blocks), has_bias)
+            for p, d in zip((module.weight, module.bias), nats):
+                if p is not None and p.grad is not None:  # SGD's direction until factors entered
+                    directions[id(p)] = torch.where(state["absorbed"], d, p.grad)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = directions.get(id(p), p.grad)
-                if group["weight_decay"]:
-                    d = d.add(p, alpha=group["weight_decay"])
-                if group["momentum"]:
-                    buf = self.state[p].get("momentum_buffer")
-                    if buf is None:
-                        buf = self.state[p]["momentum_buffer"] = d.clone()
-                    else:
-                        buf.mul_(group["momentum"]).add_(d)
-                    d = buf
-                p.add_(d, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            steps = [directions.get(id(p), p.grad) for p in params]
+            buffers = None
+            if group["momentum"]:
+                buffers = []
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    buffers.append(self.state[p]["momentum_buffer"])
+            apply_updates_(params, steps, buffers, lr=group["lr"], momentum=group["momentum"],
+                           weight_decay=group["weight_decay"], ok=ok)
+        self._deferred.post(torch.stack([~scaler_ok, ~ok]), partial(_warn_skipped, step=self.steps))
         self.steps += 1
         return loss
 
-    def _unscale(self, grads: list[Tensor]) -> bool:
+    def _unscale(self, grads: list[Tensor]) -> Tensor:
         """Undo a GradScaler's loss scale on gradients (1/s) and pending G (1/s²).
 
-        Returns whether the scaler found inf/NaN (then the step is to be skipped).
+        Returns the 0-d bool "the scaler found no inf/NaN" (true without a scaler). Reading
+        the scale is the step's one host sync with a GradScaler.
         """
+        device = next(iter(self._layouts.values()))[0] if self._layouts else torch.device("cpu")
+        ok = torch.ones((), dtype=torch.bool, device=device)
         scale = getattr(self, "grad_scale", None)
         if scale is None:
-            return False
-        if bool(getattr(self, "found_inf", torch.zeros(())).item()):
-            return True
+            return ok
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            ok = found_inf.to(device) == 0
         inv = 1.0 / float(scale)
-        for g in grads:
-            g.mul_(inv)
+        if grads:
+            torch._foreach_mul_(grads, inv)
         for pending in self._pending.values():
             pending["G"] = pending["G"] * inv**2
-        return False
+        return ok
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -376,4 +414,7 @@ class KFAC(torch.optim.Optimizer):
         self.kfac_state = {
             name: {k: v.to(self.layers[name].weight.device) for k, v in s.items()} for name, s in kfac["layers"].items()
         }
+        for layer_state in self.kfac_state.values():  # states saved before the flag existed
+            if "A" in layer_state and "absorbed" not in layer_state:
+                layer_state["absorbed"] = torch.ones((), dtype=torch.bool, device=layer_state["A"].device)
         self._pending = {}

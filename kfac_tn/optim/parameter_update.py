@@ -2,8 +2,9 @@
 
 ``step = natural_gradient + weight_decay · p``; ``buf ← momentum · buf + step``;
 ``p ← p − lr · buf`` (singd's and ``torch.optim.SGD``'s order of operations), with
-``torch._foreach_*`` kernels: a handful of launches for all parameters instead of
-three or four per parameter. With a device flag ``ok`` (0-d bool tensor) the update
+``torch._foreach_*`` kernels on accelerators: a handful of launches for all parameters
+instead of three or four per parameter; on a CPU (no launch cost) torch.optim's in-place
+for-loop form, which allocates nothing. With a device flag ``ok`` (0-d bool tensor) the update
 is skipped on the device when ``ok`` is false, without a host sync: the steps are
 zeroed, the momentum buffers and parameters keep their values.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kfac_tn.tensor_network.routes import launch_bound
 
 
 def mask_steps_(steps: list[Tensor], ok: Tensor, flats: list[Tensor] = ()) -> list[Tensor]:
@@ -54,23 +57,35 @@ def apply_updates_(
     if ok is not None and not masked:
         # a skipped step may carry inf/NaN: select zeros instead (multiplying would keep NaN)
         steps = mask_steps_(steps, ok)
-    if weight_decay != 0.0:
-        if ok is None:
-            torch._foreach_add_(steps, params, alpha=weight_decay)
-        else:
-            decay = torch._foreach_mul(params, ok.to(params[0].dtype) * weight_decay)
-            torch._foreach_add_(steps, decay)
-    if momentum != 0.0:
-        if buffers is None or len(buffers) != len(params):
-            raise ValueError("apply_updates_ needs one momentum buffer per parameter when momentum != 0.")
-        if ok is None:
-            torch._foreach_mul_(buffers, momentum)
-        else:  # factor 1 when skipped: the buffers keep their values
-            factor = torch.full((), momentum, dtype=buffers[0].dtype, device=buffers[0].device)
-            torch._foreach_mul_(buffers, torch.where(ok, factor, 1.0))
-        torch._foreach_add_(buffers, steps)
-        steps = buffers
+    if momentum != 0.0 and (buffers is None or len(buffers) != len(params)):
+        raise ValueError("apply_updates_ needs one momentum buffer per parameter when momentum != 0.")
     if ok is None:
+        if weight_decay != 0.0:
+            torch._foreach_add_(steps, params, alpha=weight_decay)
+        if momentum != 0.0:
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, steps)
+            steps = buffers
         torch._foreach_add_(params, steps, alpha=-lr)
-    else:
-        torch._foreach_add_(params, torch._foreach_mul(steps, ok.to(params[0].dtype) * -lr))
+        return
+    # skip flag on the device: weight decay and lr times ok, momentum factor 1 when skipped
+    dtype, device = params[0].dtype, params[0].device
+    on = ok.to(dtype)
+    factor = torch.where(ok, torch.full((), momentum, dtype=dtype, device=device), 1.0)
+    if launch_bound(device):  # few launches; the temporaries come from the caching allocator
+        if weight_decay != 0.0:
+            torch._foreach_add_(steps, torch._foreach_mul(params, on * weight_decay))
+        if momentum != 0.0:
+            torch._foreach_mul_(buffers, factor)
+            torch._foreach_add_(buffers, steps)
+            steps = buffers
+        torch._foreach_add_(params, torch._foreach_mul(steps, on * -lr))
+        return
+    # CPU: torch.optim's for-loop form, in place (no parameter-sized temporaries)
+    decay, minus_lr = on * weight_decay, on * -lr
+    for i, (p, step) in enumerate(zip(params, steps)):
+        if weight_decay != 0.0:
+            step.addcmul_(p, decay)
+        if momentum != 0.0:
+            step = buffers[i].mul_(factor).add_(step)
+        p.addcmul_(step, minus_lr)
