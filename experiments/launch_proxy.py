@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.models import build_model  # noqa: E402
-from kfac_tn import use_routes  # noqa: E402
 from experiments.optimizers import build_optimizer  # noqa: E402
 from experiments.reporting import write_rows  # noqa: E402
+from kfac_tn import use_routes  # noqa: E402
 
 #: the goal configurations of the GPU issue: (label, kwargs)
 CONFIGURATIONS = [
