@@ -12,7 +12,16 @@
 | state dict of another model | ValueError naming the mismatch (same files) |
 | a frozen bias (requires_grad=False) | treated as a zero-gradient column; not updated |
 | a layer that takes no part in a step | skipped (SINGD also warns at its update step) |
+| `copy.deepcopy(model)` after building the optimizer | the copy's passes feed nothing to the optimizer |
+| `del opt` (or a new optimizer on the same model) | the model does not keep it alive; its hooks go at the next forward |
+| `opt.remove_hooks()` | no more statistics captured |
+| rebuilding the optimizer after `model.double()` | the new one trains; the old one is gone, its hooks too |
+| two live optimizers on one model | each captures its own statistics |
 """
+
+import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -130,3 +139,70 @@ def _no_warning():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def _pending(opt):
+    """Statistics waiting for the next step (SINGD: H_Ks, KFAC: _pending)."""
+    return opt.H_Ks if isinstance(opt, kfac_tn.SINGD) else opt._pending
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_deepcopy_of_the_model_feeds_nothing_to_the_optimizer(name):
+    """A teacher copy / MAML inner loop: backward passes through the copy are not ours."""
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    _step(model, opt, X, y)
+    clone = copy.deepcopy(model)
+    nn.functional.cross_entropy(clone(X), y).backward()
+    assert not _pending(opt)
+    assert clone[0].weight.grad is not None
+    _step(model, opt, X, y)  # the original still trains
+    _step(clone, OPTIMIZERS[name](clone), X, y)  # and so does the copy, with its own optimizer
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_deleted_optimizer_is_freed_and_its_hooks_go(name):
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    _step(model, opt, X, y)
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None  # the model's hooks do not keep it alive
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+    _step(model, sgd, X, y)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_remove_hooks_detaches_the_optimizer(name):
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)
+    opt.remove_hooks()
+    assert not any(m._forward_hooks for m in model.modules())
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    nn.functional.cross_entropy(model(X), y).backward()
+    assert not _pending(opt)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_rebuilding_the_optimizer_after_moving_the_model(name):
+    """The documented recipe: move the model, then build the optimizer (again)."""
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    _step(model, opt, X, y)
+    model.double()
+    opt = OPTIMIZERS[name](model)  # the old one is dropped here
+    losses = [_step(model, opt, X.double(), y) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_two_live_optimizers_on_one_model_each_capture_their_own():
+    model = _conv_net()
+    first, second = kfac_tn.SINGD(model, T=1), kfac_tn.KFAC(model)
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    nn.functional.cross_entropy(model(X), y).backward()
+    assert set(first.H_Ks) == set(second._pending) == {"0", "4"}

@@ -10,6 +10,7 @@ mode, or when ``is_due`` says no; nothing is kept after the callback ran.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,14 @@ Callback = Callable[[str, nn.Module, Tensor, Tensor], None]
 
 
 class LayerCapture:
-    """Hooks on named modules that call ``on_backward`` with input and grad_output."""
+    """Hooks on named modules that call ``on_backward`` with input and grad_output.
+
+    The hooks hold only weak references to the callbacks' owner (the optimizer): a
+    model never keeps an optimizer alive, and once the optimizer is gone its hooks
+    remove themselves at the next forward pass. They fire only for the very modules
+    they were registered for: a ``copy.deepcopy`` of the model carries copies of the
+    hooks, which ignore the copied modules.
+    """
 
     def __init__(
         self,
@@ -28,26 +36,36 @@ class LayerCapture:
         on_backward: Callback,
         is_due: Callable[[str, nn.Module], bool] = lambda name, module: True,
     ) -> None:
-        self._on_backward = on_backward
-        self._is_due = is_due
+        self._on_backward = _weak(on_backward)
+        self._is_due = _weak(is_due)
+        self._module_ids = {name: id(module) for name, module in modules.items()}
         self.handles: list[RemovableHandle] = [
             module.register_forward_hook(self._forward_hook(name)) for name, module in modules.items()
         ]
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if id(module) != self._module_ids[name]:
+                return  # a deep copy of the model: not ours to watch
+            on_backward, is_due = self._on_backward(), self._is_due()
+            if on_backward is None or is_due is None:  # the optimizer is gone
+                self.remove()
+                return
             if not (torch.is_grad_enabled() and module.training):
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
-            if not self._is_due(name, module):
+            if not is_due(name, module):
                 return
             if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
                 raise ValueError(f"Layer {name!r} must be called with exactly one tensor input.")
             x = inputs[0].detach()
+            callback = self._on_backward
 
             def tensor_hook(grad_output: Tensor) -> None:
-                self._on_backward(name, module, x, grad_output.detach())
+                live = callback()
+                if live is not None:
+                    live(name, module, x, grad_output.detach())
 
             output.register_hook(tensor_hook)
 
@@ -58,3 +76,10 @@ class LayerCapture:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+def _weak(function: Callable) -> Callable[[], Callable | None]:
+    """A weak reference to a bound method (a strong one to any other callable)."""
+    if hasattr(function, "__self__") and hasattr(function, "__func__"):
+        return weakref.WeakMethod(function)
+    return lambda: function

@@ -173,6 +173,14 @@ class KFAC(torch.optim.Optimizer):
         self._deferred = DeferredFlags()
         self._capture = LayerCapture(self.layers, self._accumulate, self._statistics_due)
 
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model: no more statistics are captured.
+
+        Deleting the optimizer has the same effect (its hooks hold it only weakly and
+        remove themselves at the next forward pass).
+        """
+        self._capture.remove()
+
     # ----------------------------------------------------------- statistics
     def _statistics_due(self, name: str, module: nn.Module) -> bool:
         check_layout(name, module, self._layouts[name])

@@ -202,10 +202,21 @@ class SINGD(StockSINGD):
         }
         self._capture = LayerCapture(
             {name: mod for mod, name in module_names.items()},
-            on_backward=lambda name, module, x, g: self._accumulate_H_terms(module, (x,), g),
+            on_backward=self._on_backward,
             is_due=self._statistics_due,
         )
         return module_names, self._capture.handles
+
+    def _on_backward(self, name: str, module: nn.Module, x: Tensor, grad_output: Tensor) -> None:
+        self._accumulate_H_terms(module, (x,), grad_output)
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model: no more statistics are captured.
+
+        Deleting the optimizer has the same effect (its hooks hold it only weakly and
+        remove themselves at the next forward pass).
+        """
+        self._capture.remove()
 
     def _statistics_due(self, name: str, module: nn.Module) -> bool:
         check_layout(name, module, self._layouts[name])
