@@ -17,6 +17,8 @@
 | `opt.remove_hooks()` | no more statistics captured |
 | rebuilding the optimizer after `model.double()` | the new one trains; the old one is gone, its hooks too |
 | two live optimizers on one model | each captures its own statistics |
+| `SINGD(model, params=[layer.weight])` | only the weight changes (the bias column still shapes the solve) |
+| frozen weights, trainable biases (BitFit) | those layers are not preconditioned; their biases take SGD steps (= torch.optim.SGD) |
 """
 
 import copy
@@ -206,3 +208,41 @@ def test_two_live_optimizers_on_one_model_each_capture_their_own():
     X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
     nn.functional.cross_entropy(model(X), y).backward()
     assert set(first.H_Ks) == set(second._pending) == {"0", "4"}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_only_the_parameters_given_change(name):
+    """``params=[weight]``: the layer's bias is not the optimizer's to update."""
+    model = _conv_net()
+    first = model[0]
+    ctor = {"singd": kfac_tn.SINGD, "kfac": kfac_tn.KFAC}[name]
+    opt = ctor(model, params=[first.weight, model[4].weight, model[4].bias], lr=0.05)
+    bias, weight = first.bias.detach().clone(), first.weight.detach().clone()
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    for _ in range(2):
+        _step(model, opt, X, y)
+    assert torch.equal(bias, first.bias) and not torch.equal(weight, first.weight)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_bitfit_biases_take_the_steps_of_torch_sgd(name):
+    """Frozen weights, trainable biases: no layer is preconditioned and every bias follows
+    torch.optim.SGD(lr, momentum, weight_decay) exactly (an independent oracle for the
+    momentum and weight-decay arithmetic of both optimizers)."""
+    def bitfit():
+        model = _conv_net()
+        for p in model.parameters():
+            p.requires_grad_(p.dim() == 1)
+        return model
+
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+    ours_model, ref_model = bitfit(), bitfit()
+    ctor = {"singd": kfac_tn.SINGD, "kfac": kfac_tn.KFAC}[name]
+    ours = ctor(ours_model, **hyper)
+    ref = torch.optim.SGD([p for p in ref_model.parameters() if p.requires_grad], **hyper)
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    for _ in range(4):
+        _step(ours_model, ours, X, y)
+        _step(ref_model, ref, X, y)
+    for a, b in zip(ours_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

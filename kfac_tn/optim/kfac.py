@@ -164,7 +164,7 @@ class KFAC(torch.optim.Optimizer):
             groups = {group_of[p] for p in m.parameters(recurse=False) if p in group_of}
             if len(groups) > 1:
                 raise ValueError(f"Parameters of layer {name!r} are in different param groups {sorted(groups)}.")
-            if groups:
+            if m.weight in group_of:  # a layer whose weight is not trained (BitFit) takes SGD steps
                 self.layers[name] = m
         self._group_index = {name: group_of[m.weight] for name, m in self.layers.items()}
         self._layouts = {name: (m.weight.device, m.weight.dtype) for name, m in self.layers.items()}
@@ -380,7 +380,7 @@ class KFAC(torch.optim.Optimizer):
         Returns the 0-d bool "the scaler found no inf/NaN" (true without a scaler). Reading
         the scale is the step's one host sync with a GradScaler.
         """
-        device = next(iter(self._layouts.values()))[0] if self._layouts else torch.device("cpu")
+        device = self.param_groups[0]["params"][0].device
         ok = torch.ones((), dtype=torch.bool, device=device)
         scale = getattr(self, "grad_scale", None)
         if scale is None:

@@ -180,6 +180,10 @@ class SINGD(StockSINGD):
             structures, kfac_approx, warn_unsupported, kfac_like, preconditioner_dtype,
             init_grad_scale, normalize_lr_cov,
         )
+        self._own_params = {id(p) for group in self.param_groups for p in group["params"]}
+        layer_params = {id(p) for module in self.module_names for p in module.parameters()}
+        self._unpreconditioned = [[p for p in group["params"] if id(p) not in layer_params]
+                                  for group in self.param_groups]
         for group in self.param_groups:  # param groups may override the defaults
             _validate_hyperparameters(
                 supported_structures=self.SUPPORTED_STRUCTURES,
@@ -197,9 +201,8 @@ class SINGD(StockSINGD):
         module_names = {
             mod: name
             for name, mod in model.named_modules()
-            if isinstance(mod, self.SUPPORTED_MODULES)
-            and any(p.data_ptr() in param_ids for p in mod.parameters())
-        }
+            if isinstance(mod, self.SUPPORTED_MODULES) and mod.weight.data_ptr() in param_ids
+        }  # a layer whose weight is not trained (BitFit) is not preconditioned: SGD steps
         self._capture = LayerCapture(
             {name: mod for mod, name in module_names.items()},
             on_backward=self._on_backward,
@@ -527,8 +530,13 @@ class SINGD(StockSINGD):
                     pairs = [(p, n) for p, n in zip((module.weight, module.bias), nats)
                              if p is not None and p.grad is not None]
                 for p, nat in pairs:
+                    if id(p) in self._own_params:  # a bias not given to the optimizer stays put
+                        params.append(p)
+                        steps.append(nat)
+            for p in self._unpreconditioned[group_idx]:  # e.g. BitFit biases: SGD directions
+                if p.grad is not None:
                     params.append(p)
-                    steps.append(nat)
+                    steps.append(p.grad)  # masked into a new tensor below, never modified
             if params:  # one foreach update for the whole group
                 if is_distributed():
                     all_reduce_flat(steps, dist.ReduceOp.AVG if group["loss_average"] else dist.ReduceOp.SUM)
@@ -666,7 +674,7 @@ class SINGD(StockSINGD):
     def _gradients_ok(self, found_inf: Tensor | None) -> Tensor:
         """0-d bool on the device: no inf/NaN in any gradient (and none found by a GradScaler)."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        device = next(iter(self._layouts.values()))[0]
+        device = self.param_groups[0]["params"][0].device
         ok = torch.ones((), dtype=torch.bool, device=device)
         if grads:  # largest magnitudes: inf/NaN propagate, large finite values do not overflow
             ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
