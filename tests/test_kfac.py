@@ -180,3 +180,49 @@ def test_grad_scaler_overflow_skips_the_step():
     with pytest.warns(UserWarning, match="GradScaler found inf"):
         scaler.step(opt)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_checkpoint_between_backward_and_step_resumes_exactly():
+    """The pending statistics of a backward pass are part of the state (torch.save round trip)."""
+    import io
+
+    kwargs = dict(lr=0.05, damping=1e-2, inverse_update_freq=1)
+    X, y = _data()
+    m1 = _model()
+    o1 = kfac_tn.KFAC(m1, **kwargs)
+    _train(m1, o1, 3)
+    m2 = _model()
+    o2 = kfac_tn.KFAC(m2, **kwargs)
+    _train(m2, o2, 2)
+    o2.zero_grad()
+    nn.functional.cross_entropy(m2(X), y).backward()
+    assert o2._pending
+    buffer = io.BytesIO()
+    torch.save({"opt": o2.state_dict(), "model": m2.state_dict(), "grads": [p.grad for p in m2.parameters()]}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    m3 = _model()
+    m3.load_state_dict(saved["model"])
+    o3 = kfac_tn.KFAC(m3, **kwargs)
+    o3.load_state_dict(saved["opt"])
+    for p, g in zip(m3.parameters(), saved["grads"]):
+        p.grad = g
+    o3.step()
+    for p1, p3 in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(p1, p3)
+
+
+def test_factor_averages_stay_float32_under_bf16_autocast():
+    """Running averages in bfloat16 stop moving (ε·A + (1−ε)·A_new rounds back to A)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = kfac_tn.KFAC(model, lr=0.01, damping=1e-2, ema_decay=0.99)
+    X, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+    for state in opt.kfac_state.values():
+        assert state["A"].dtype == state["G"].dtype == torch.float32

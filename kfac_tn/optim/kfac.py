@@ -188,6 +188,9 @@ class KFAC(torch.optim.Optimizer):
 
     def _accumulate(self, name: str, module: nn.Module, x: Tensor, grad_output: Tensor) -> None:
         check_layout(name, module, self._layouts[name])
+        # statistics and their running averages in >= float32, whatever autocast ran in
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
         A = input_factor(module, x, self.kfac_approx, self.group_average)
         G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
         pending = self._pending.setdefault(name, {"A": 0, "G": 0, "count": 0})
@@ -398,7 +401,9 @@ class KFAC(torch.optim.Optimizer):
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["kfac"] = {"steps": self.steps, "layers": {n: dict(s) for n, s in self.kfac_state.items()}}
+        pending = {n: {"A": p["A"], "G": p["G"], "count": p["count"]} for n, p in self._pending.items()}
+        state["kfac"] = {"steps": self.steps, "layers": {n: dict(s) for n, s in self.kfac_state.items()},
+                         "pending": pending}  # a checkpoint between backward() and step() resumes exactly
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -425,4 +430,8 @@ class KFAC(torch.optim.Optimizer):
         for layer_state in self.kfac_state.values():  # states saved before the flag existed
             if "A" in layer_state and "absorbed" not in layer_state:
                 layer_state["absorbed"] = torch.ones((), dtype=torch.bool, device=layer_state["A"].device)
-        self._pending = {}
+        self._pending = {
+            name: {"A": p["A"].to(self.layers[name].weight.device), "G": p["G"].to(self.layers[name].weight.device),
+                   "count": p["count"]}
+            for name, p in kfac.get("pending", {}).items()
+        }
