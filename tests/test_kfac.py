@@ -226,3 +226,24 @@ def test_factor_averages_stay_float32_under_bf16_autocast():
         opt.step()
     for state in opt.kfac_state.values():
         assert state["A"].dtype == state["G"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("factor_update_freq", [1, 2])
+def test_running_averages_weight_old_and_new_factors_as_documented(factor_update_freq):
+    """After two statistics steps A = ε·F₁ + (1−ε)·F₂ (kfac_factors on the same, fixed
+    model as the oracle); with factor_update_freq f, only steps 0 and f contribute."""
+    model = _model()
+    gen = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(6, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 5, (6,), generator=gen))
+               for _ in range(3)]
+    first, ignored, second = batches
+    eps = 0.7
+    opt = kfac_tn.KFAC(model, lr=0.0, momentum=0.0, ema_decay=eps, factor_update_freq=factor_update_freq)
+    schedule = [first] + [ignored] * (factor_update_freq - 1) + [second]
+    for X, y in schedule:
+        _train(model, opt, 1, (X, y))
+    F1 = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), *first, fisher="empirical")
+    F2 = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), *second, fisher="empirical")
+    for name, state in opt.kfac_state.items():
+        for i, key in enumerate(("A", "G")):
+            torch.testing.assert_close(state[key], eps * F1[name][i] + (1 - eps) * F2[name][i])

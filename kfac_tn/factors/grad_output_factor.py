@@ -115,15 +115,8 @@ def grad_output_factor_diagonal_sum(
     group_average: bool = False,
 ) -> tuple[Tensor, float]:
     """``(S, s)`` with ``diag(G) = s · S`` ``[G, D]``, for callers that fold ``s`` into a later kernel."""
-    _check(layer, grad_output, approx, loss_average)
-    G = 1 if group_average else layer_groups(layer)
-    g = _per_position(layer, grad_output)  # [B, P, G·D]
-    scale = _scale(loss_average, g.shape[0], g.shape[1])
-    if approx == "reduce":
-        diag = g.sum(1).square_().sum(0)
-    else:
-        diag = torch.linalg.vector_norm(g, dim=(0, 1)).square_()
-    return diag.reshape(G, -1), scale
+    g, G, scale = _summands(layer, grad_output, approx, loss_average, group_average)
+    return torch.linalg.vector_norm(g, dim=(0, 1)).square_().reshape(G, -1), scale
 
 
 def grad_output_factor_blocks(

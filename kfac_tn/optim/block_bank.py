@@ -22,6 +22,8 @@ import torch
 from singd.structures.blockdiagonal import BlockDiagonalMatrixTemplate
 from torch import Tensor
 
+from kfac_tn.optim.segments import Segments
+
 
 class BlockBank:
     """``K, C`` (momenta, statistics, projectors) of layers with one block-diagonal structure.
@@ -39,10 +41,10 @@ class BlockBank:
         self.structure = structure
         #: name -> [(first slot, full blocks, last size) of K_g for each g] + [... of C_g]
         self.layout: dict[str, list[tuple[int, int, int]]] = {}
-        self.first_segment: dict[str, int] = {}
+        self.segments = Segments(device)
         slot_segment, dims, partner, valid = [], [], [], []
         for name, (G, d_K, d_C) in layers.items():
-            self.first_segment[name] = first = len(dims)
+            first = self.segments.add(name, 2 * G)
             entries = []
             for d in [d_K] * G + [d_C] * G:
                 n, r = divmod(d, b)
@@ -53,7 +55,6 @@ class BlockBank:
             partner += [first + G + g for g in range(G)] + [first + g for g in range(G)]
             self.layout[name] = entries
         N = len(slot_segment)
-        self.num_segments = len(dims)
         self.dtype, self.device = dtype, device
         self.stat_dtype = torch.promote_types(dtype, torch.float32)
         #: 1 on the real diagonal entries of each slot, 0 on a last block's padding
@@ -66,7 +67,6 @@ class BlockBank:
         self.slot_segment = torch.tensor(slot_segment, device=device)
         self.dims = torch.tensor(dims, dtype=dtype, device=device)
         self.partner = torch.tensor(partner, device=device)
-        self._masks: dict[frozenset, Tensor] = {}
 
     # ------------------------------------------------------------- views
     def _matrix(self, buffer: Tensor, entry: tuple[int, int, int]) -> BlockDiagonalMatrixTemplate:
@@ -106,17 +106,6 @@ class BlockBank:
     def clear_statistics(self) -> None:
         self.stats.zero_()
 
-    def segment_mask(self, names: frozenset[str]) -> Tensor:
-        """Bool ``[num_segments]``: the segments of ``names`` (cached per set)."""
-        mask = self._masks.get(names)
-        if mask is None:
-            host = torch.zeros(self.num_segments, dtype=torch.bool)
-            for name in names:
-                first = self.first_segment[name]
-                host[first : first + len(self.layout[name])] = True
-            mask = self._masks[names] = host.to(self.device)
-        return mask
-
     # ------------------------------------------------------------ update
     def update_(
         self, *, present: Tensor, ok: Tensor, grad_unscaling: float, damping: float,
@@ -131,9 +120,9 @@ class BlockBank:
         (kfac_like: ``damping``); β divided by ``max(1, max|m|)`` over the factor if
         ``normalize``. Segments that are not present, have non-finite statistics or
         traces, or where ``ok`` is false keep their bits. Returns the bool
-        ``[num_segments]`` mask of segments skipped for non-finite statistics alone.
+        ``[segments.total]`` mask of segments skipped for non-finite statistics alone.
         """
-        M, seg, S = self.values, self.slot_segment, self.num_segments
+        M, seg, S = self.values, self.slot_segment, self.segments.total
         H = self.stats.to(self.dtype)
         per_slot = torch.stack([
             H.diagonal(dim1=1, dim2=2).sum(1), H.sum((1, 2)), torch.linalg.vector_norm(M, dim=(1, 2)).square(),

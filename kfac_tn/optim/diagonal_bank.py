@@ -21,6 +21,8 @@ import torch
 from singd.structures.diagonal import DiagonalMatrix
 from torch import Tensor
 
+from kfac_tn.optim.segments import Segments
+
 
 class DiagonalBank:
     """``K, C`` (and momenta, statistics) of layers with diagonal structures.
@@ -34,19 +36,17 @@ class DiagonalBank:
     def __init__(self, layers: dict[str, tuple[int, int, int]], dtype: torch.dtype,
                  device: torch.device, momenta: bool) -> None:
         self.layout: dict[str, tuple[int, int, int, int, int]] = {}
-        self.first_segment: dict[str, int] = {}
+        self.segments = Segments(device)
         lengths, partner, is_K = [], [], []
         offset = 0
         for name, (G, d_K, d_C) in layers.items():
             self.layout[name] = (offset, offset + G * d_K, G, d_K, d_C)
-            self.first_segment[name] = len(lengths)
-            first = len(lengths)
+            first = self.segments.add(name, 2 * G)
             lengths += [d_K] * G + [d_C] * G
             partner += [first + G + b for b in range(G)] + [first + b for b in range(G)]
             is_K += [True] * G + [False] * G
             offset += G * (d_K + d_C)
         self.size = offset
-        self.num_segments = len(lengths)
         self.dtype, self.device = dtype, device
         self.stat_dtype = torch.promote_types(dtype, torch.float32)
         self.values = torch.ones(offset, dtype=dtype, device=device)
@@ -59,7 +59,6 @@ class DiagonalBank:
         self.segment_ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), self.lengths)
         self.partner = torch.tensor(partner, device=device)
         self.is_K = torch.tensor(is_K, device=device)
-        self._masks: dict[frozenset, Tensor] = {}
         self._one = torch.ones((), dtype=dtype, device=device)
 
     # ------------------------------------------------------------- views
@@ -100,17 +99,6 @@ class DiagonalBank:
     def clear_statistics(self) -> None:
         self.stats.zero_()
 
-    def segment_mask(self, names: frozenset[str]) -> Tensor:
-        """Bool ``[num_segments]``: the segments of ``names`` (cached per set)."""
-        mask = self._masks.get(names)
-        if mask is None:
-            host = torch.zeros(self.num_segments, dtype=torch.bool)
-            for name in names:
-                first, G = self.first_segment[name], self.layout[name][2]
-                host[first : first + 2 * G] = True
-            mask = self._masks[names] = host.to(self.device)
-        return mask
-
     # ------------------------------------------------------------ update
     def update_(
         self, *, present: Tensor, ok: Tensor | None, grad_unscaling: float, damping: float,
@@ -125,7 +113,7 @@ class DiagonalBank:
         ``grad_unscaling``, ``a_MM = damping``), exactly singd 0.0.5's rule. A block is
         updated only where ``present``, its traces are finite and ``ok`` (a 0-d device
         flag) holds; elsewhere values and momenta keep their bits. Returns the bool
-        ``[num_segments]`` mask of blocks that were present and skipped for non-finite
+        ``[segments.total]`` mask of blocks that were present and skipped for non-finite
         statistics alone (not because ``ok`` was false).
         """
         values, squares = self.values, self.squares.to(self.dtype)

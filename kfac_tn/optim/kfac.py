@@ -34,7 +34,7 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     worker_groups,
 )
-from kfac_tn.optim.parameter_update import apply_updates_
+from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite
 from kfac_tn.optim.validation import (
     check_layout,
     fraction,
@@ -344,8 +344,8 @@ class KFAC(torch.optim.Optimizer):
             # so all ranks apply the same update as one process on the concatenated batch
             all_reduce_flat(grads, dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)
             self._all_reduce_pending()
-        if grads:  # largest magnitudes: inf/NaN propagate, large finite values do not overflow
-            ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
+        if grads:
+            ok = ok & gradients_finite(grads)
         self._absorb_statistics(ok)
         self._update_inverses(force=self.steps % self.inverse_update_freq == 0)
         directions: dict[int, Tensor] = {}
@@ -363,7 +363,7 @@ class KFAC(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            steps = [directions.get(id(p), p.grad) for p in params]
+            steps = [directions[id(p)] if id(p) in directions else p.grad.clone() for p in params]
             buffers = None
             if group["momentum"]:
                 buffers = []

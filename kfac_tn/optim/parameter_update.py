@@ -2,11 +2,11 @@
 
 ``step = natural_gradient + weight_decay · p``; ``buf ← momentum · buf + step``;
 ``p ← p − lr · buf`` (singd's and ``torch.optim.SGD``'s order of operations), with
-``torch._foreach_*`` kernels on accelerators: a handful of launches for all parameters
-instead of three or four per parameter; on a CPU (no launch cost) torch.optim's in-place
-for-loop form, which allocates nothing. With a device flag ``ok`` (0-d bool tensor) the update
-is skipped on the device when ``ok`` is false, without a host sync: the steps are
-zeroed, the momentum buffers and parameters keep their values.
+``torch._foreach_*`` kernels: a handful of launches for all parameters instead of three
+or four per parameter. With a flag ``ok`` (0-d bool tensor) the update is skipped when
+``ok`` is false: on accelerators on the device, without a host sync (the steps are
+zeroed, the momentum buffers and parameters keep their values); on a CPU, where reading
+a tensor costs nothing, by reading it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,18 @@ def mask_steps_(steps: list[Tensor], ok: Tensor, flats: list[Tensor] = ()) -> li
     return [s if s.untyped_storage().data_ptr() in storages else torch.where(ok, s, 0.0) for s in steps]
 
 
+def gradients_finite(grads: list[Tensor]) -> Tensor:
+    """0-d bool on the gradients' device: no inf/NaN in any of them.
+
+    From their largest magnitudes (inf/NaN propagate, large finite values do not
+    overflow): one ``_foreach_norm`` kernel on accelerators, ``aminmax`` per tensor on a
+    CPU (``vector_norm`` is ~10× slower there).
+    """
+    if launch_bound(grads[0].device):
+        return torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
+    return torch.isfinite(torch.stack([v for g in grads for v in torch.aminmax(g)])).all()
+
+
 def apply_updates_(
     params: list[Tensor],
     steps: list[Tensor],
@@ -40,7 +52,7 @@ def apply_updates_(
     momentum: float,
     weight_decay: float,
     ok: Tensor | None = None,
-    masked: bool = False,
+    workspaces: list[Tensor] = (),
 ) -> None:
     """Update ``params`` in place by their preconditioned gradients ``steps``.
 
@@ -50,13 +62,19 @@ def apply_updates_(
         buffers: momentum buffers (updated in place), or None when ``momentum == 0``.
         lr, momentum, weight_decay: as in ``torch.optim.SGD``.
         ok: optional 0-d bool tensor on the parameters' device; false skips the update.
-        masked: the steps are already zero where ``ok`` is false (:func:`mask_steps_`).
+            Accelerators: skipped on the device (masks, no host sync). CPU: read on the
+            host (free there) and the update skipped outright.
+        workspaces: flat buffers holding some of the steps (masked by one kernel each).
     """
     if not params:
         return
-    if ok is not None and not masked:
+    if ok is not None and not launch_bound(params[0].device):
+        if not bool(ok):  # a CPU tensor: no device queue to drain
+            return
+        ok = None
+    if ok is not None:
         # a skipped step may carry inf/NaN: select zeros instead (multiplying would keep NaN)
-        steps = mask_steps_(steps, ok)
+        steps = mask_steps_(steps, ok, workspaces)
     if momentum != 0.0 and (buffers is None or len(buffers) != len(params)):
         raise ValueError("apply_updates_ needs one momentum buffer per parameter when momentum != 0.")
     if ok is None:
@@ -68,24 +86,15 @@ def apply_updates_(
             steps = buffers
         torch._foreach_add_(params, steps, alpha=-lr)
         return
-    # skip flag on the device: weight decay and lr times ok, momentum factor 1 when skipped
+    # accelerators, skip flag on the device: weight decay and lr times ok, momentum factor 1
+    # when skipped; the temporaries come from the caching allocator
     dtype, device = params[0].dtype, params[0].device
     on = ok.to(dtype)
     factor = torch.where(ok, torch.full((), momentum, dtype=dtype, device=device), 1.0)
-    if launch_bound(device):  # few launches; the temporaries come from the caching allocator
-        if weight_decay != 0.0:
-            torch._foreach_add_(steps, torch._foreach_mul(params, on * weight_decay))
-        if momentum != 0.0:
-            torch._foreach_mul_(buffers, factor)
-            torch._foreach_add_(buffers, steps)
-            steps = buffers
-        torch._foreach_add_(params, torch._foreach_mul(steps, on * -lr))
-        return
-    # CPU: torch.optim's for-loop form, in place (no parameter-sized temporaries)
-    decay, minus_lr = on * weight_decay, on * -lr
-    for i, (p, step) in enumerate(zip(params, steps)):
-        if weight_decay != 0.0:
-            step.addcmul_(p, decay)
-        if momentum != 0.0:
-            step = buffers[i].mul_(factor).add_(step)
-        p.addcmul_(step, minus_lr)
+    if weight_decay != 0.0:
+        torch._foreach_add_(steps, torch._foreach_mul(params, on * weight_decay))
+    if momentum != 0.0:
+        torch._foreach_mul_(buffers, factor)
+        torch._foreach_add_(buffers, steps)
+        steps = buffers
+    torch._foreach_add_(params, torch._foreach_mul(steps, on * -lr))

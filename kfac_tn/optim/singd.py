@@ -67,7 +67,7 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     worker_groups,
 )
-from kfac_tn.optim.parameter_update import apply_updates_, mask_steps_
+from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.riemannian_update import (
     StepScalars,
@@ -536,13 +536,12 @@ class SINGD(StockSINGD):
             for p in self._unpreconditioned[group_idx]:  # e.g. BitFit biases: SGD directions
                 if p.grad is not None:
                     params.append(p)
-                    steps.append(p.grad)  # masked into a new tensor below, never modified
+                    steps.append(p.grad.clone())  # the update works in place on its steps
             if params:  # one foreach update for the whole group
                 if is_distributed():
                     all_reduce_flat(steps, dist.ReduceOp.AVG if group["loss_average"] else dist.ReduceOp.SUM)
-                steps = mask_steps_(steps, ok, self._natural_gradient_workspace.in_use())
                 apply_updates_([p.data for p in params], steps, self._momentum_buffers(params, group),
-                               masked=True, **hyper)
+                               workspaces=self._natural_gradient_workspace.in_use(), **hyper)
                 self._natural_gradient_workspace.reset()
         self._deferred.post(~ok, self._warn_skipped_step)
         self.steps += 1
@@ -676,8 +675,8 @@ class SINGD(StockSINGD):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         device = self.param_groups[0]["params"][0].device
         ok = torch.ones((), dtype=torch.bool, device=device)
-        if grads:  # largest magnitudes: inf/NaN propagate, large finite values do not overflow
-            ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
+        if grads:
+            ok = gradients_finite(grads)
         if found_inf is not None:
             ok = ok & (found_inf == 0)
         return ok
@@ -703,20 +702,18 @@ class SINGD(StockSINGD):
             lr_cov = group["lr_cov"]
             prev_grad_scale = self._get_grad_scale(self.steps - 1)
             skipped = bank.update_(
-                present=bank.segment_mask(frozenset(present)), ok=ok,
+                present=bank.segments.mask(frozenset(present)), ok=ok,
                 grad_unscaling=prev_grad_scale / self._get_grad_scale(self.steps) ** 2,
                 damping=group["damping"], alpha1=alpha1, scale=0.5 * (1.0 - alpha1 if normalize else 1.0),
                 beta=lr_cov(self.steps) if callable(lr_cov) else lr_cov, kfac_like=group["kfac_like"],
                 normalize=normalize,
             )
-            names, step = list(bank.layout), self.steps
-            first = [bank.first_segment[n] for n in names] + [bank.num_segments]
+            segments, step = bank.segments, self.steps
 
-            def report(flags: list, names=names, first=first, step=step) -> None:
-                for i, name in enumerate(names):
-                    if any(flags[first[i] : first[i + 1]]):
-                        warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
-                             "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
+            def report(flags: list, segments=segments, step=step) -> None:
+                for name in segments.flagged(flags):
+                    warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
+                         "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
 
             self._deferred.post(skipped, report)
         bank.clear_statistics()
