@@ -120,8 +120,9 @@ def riemannian_step_(
 
     ``scalars`` are 0-d tensors of M's dtype on its device. With ``normalize``, β is
     divided by ``max(1, max|m|)``. ``H`` must be finite. Dense M: in place in
-    ``m_old``'s buffer (symmetric products, row-blocked ``M m``), with one ``d × d``
-    scratch from ``workspace`` for ``MᵀM``. Block-diagonal M: batched over blocks.
+    ``m_old``'s buffer; on accelerators ``MᵀM`` and ``M m`` are one GEMM each (into one
+    ``d × d`` temporary), on a CPU symmetric block products and a row-blocked ``M m``
+    with Python scalars (reading a CPU tensor costs no sync), so no ``d × d`` scratch. Block-diagonal M: batched over blocks.
     Other structures: singd's structured arithmetic on their tensors. Returns the new
     momentum (``m_old`` itself where it was given and M is dense or block-diagonal).
     """
@@ -151,14 +152,16 @@ def riemannian_step_(
 def _dense_step_(M, H, m_old, scalars: StepScalars, normalize: bool, workspace):
     mat = M.to_dense()
     buf = m_old.to_dense().mul_(scalars.alpha1) if m_old is not None else torch.zeros_like(mat)
-    if launch_bound(mat.device):  # one GEMM into a fresh d × d product
+    if launch_bound(mat.device):  # one GEMM into a d × d product (reused for M m below)
         inner = mat.T @ mat
-    else:  # lower block triangle only, into reused scratch
-        d = mat.shape[0]
-        inner = (workspace.take((d, d), mat) if workspace is not None else torch.empty_like(mat)).zero_()
-        symmetric_addmm_(inner, mat.T, mat, alpha=1.0)
-    buf.addcmul_(inner, scalars.c_MM)
-    _add_statistics_(buf, H, scalars.c_H, scalars.root_c_H)
+        buf.addcmul_(inner, scalars.c_MM)
+        _add_statistics_(buf, H, scalars.c_H, scalars.root_c_H)
+    else:  # a CPU reads its scalars for free: products straight into buf, no d × d scratch
+        symmetric_addmm_(buf, mat.T, mat, alpha=float(scalars.c_MM))
+        if isinstance(H, SymmetricSum):
+            H.add_to_(buf, alpha=float(scalars.c_H))
+        else:
+            buf.add_(H.to_dense().to(buf.dtype), alpha=float(scalars.c_H))
     buf.diagonal().sub_(scalars.scale)
     new_m = m_old if m_old is not None else DenseMatrix(buf)
     beta = scalars.beta

@@ -22,6 +22,10 @@ reuses its structured matrices). What differs:
   the dense update works in place in the momentum buffer, one layer at a time.
 - No statistics in eval mode or under ``torch.no_grad()``; non-finite statistics skip
   the update of that layer's pre-conditioner with a warning instead of corrupting it.
+- Accelerators: a step has no host sync. Diagonal and block-diagonal K, C of a param
+  group live in one bank (:mod:`diagonal_bank`, :mod:`block_bank`) updated by a few
+  batched kernels; other structures are updated per layer with device scalars
+  (:mod:`riemannian_update`); parameters by foreach kernels (:mod:`parameter_update`).
 """
 
 from __future__ import annotations
@@ -487,9 +491,9 @@ class SINGD(StockSINGD):
 
         A step whose gradients contain inf/NaN is skipped with a warning, exactly as
         with a GradScaler that found infs: parameters, K, C and momenta stay as they
-        are, and the statistics gathered for this step are dropped. When every layer
-        is in a fused bank (diagonal structures) the step needs no host sync: the skip
-        is decided on the device and the warning follows once the flag reached the host.
+        are, and the statistics gathered for this step are dropped. The step needs no host
+        sync on any structure (with a GradScaler: reading its scale): skips are decided
+        on the device and their warnings follow once the flags reached the host.
         """
         if closure is not None:
             raise NotImplementedError("Closure not supported.")
