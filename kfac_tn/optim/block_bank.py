@@ -125,7 +125,7 @@ class BlockBank:
         M, seg, S = self.values, self.slot_segment, self.segments.total
         H = self.stats.to(self.dtype)
         per_slot = torch.stack([
-            H.diagonal(dim1=1, dim2=2).sum(1), H.sum((1, 2)), torch.linalg.vector_norm(M, dim=(1, 2)).square(),
+            H.diagonal(dim1=1, dim2=2).sum(1), H.sum((1, 2)), M.square().sum((1, 2)),
         ])  # [3, N]: tr(H), Σ H (finiteness of off-diagonal entries), tr(M Mᵀ)
         per_segment = torch.zeros(3, S, dtype=self.dtype, device=self.device).index_add_(1, seg, per_slot)
         finite = torch.isfinite(per_segment[:2]).all(0)
