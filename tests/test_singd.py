@@ -398,3 +398,18 @@ def test_bias_free_linear_matches_stock():
     ref = _train(m1, StockSINGD(m1, **kwargs), data, 3)
     ours = _train(m2, kfac_tn.SINGD(m2, **kwargs), data, 3)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("structure", ["hierarchical15_15", "triltoeplitz"])
+def test_float64_with_a_float32_only_structure_is_a_clear_error(structure):
+    """singd 0.0.5's products of these structures reject float64 (at the first backward
+    pass, deep inside singd); kfac_tn says so at construction, with what to pass."""
+    model = _cnn().double()
+    with pytest.raises(ValueError, match=r"'hierarchical15_15'|'triltoeplitz'") as error:
+        kfac_tn.SINGD(model, structures=(structure, structure))
+    assert "float64" in str(error.value) and "preconditioner_dtype=(torch.float32" in str(error.value)
+    assert not any(m._forward_hooks for m in model.modules())  # the failed optimizer left no hooks
+    opt = kfac_tn.SINGD(model, structures=(structure, structure), lr_cov=0.1,
+                        preconditioner_dtype=(torch.float32, torch.float32))
+    params = _train(model, opt, tuple(t.double() if t.is_floating_point() else t for t in _data((4, 3, 7, 7))), 2)
+    assert params.dtype == torch.float64 and torch.isfinite(params).all()

@@ -31,6 +31,7 @@ reuses its structured matrices). What differs:
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Iterable
 from math import sqrt
 from typing import Any
@@ -179,11 +180,16 @@ class SINGD(StockSINGD):
         self._banks: list[tuple[int, DiagonalBank | BlockBank]] = []  # (param group index, bank)
         self._bank_of: dict[str, DiagonalBank | BlockBank] = {}
         self._deferred = DeferredFlags()
-        super().__init__(
-            model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
-            structures, kfac_approx, warn_unsupported, kfac_like, preconditioner_dtype,
-            init_grad_scale, normalize_lr_cov,
-        )
+        try:
+            super().__init__(
+                model, params, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov,
+                structures, kfac_approx, warn_unsupported, kfac_like, preconditioner_dtype,
+                init_grad_scale, normalize_lr_cov,
+            )
+        except Exception:  # a half-built optimizer must not leave its hooks on the model
+            if hasattr(self, "_capture"):
+                self._capture.remove()
+            raise
         self._own_params = {id(p) for group in self.param_groups for p in group["params"]}
         layer_params = {id(p) for module in self.module_names for p in module.parameters()}
         self._unpreconditioned = [[p for p in group["params"] if id(p) not in layer_params]
@@ -237,6 +243,14 @@ class SINGD(StockSINGD):
             (dtype_K, dtype_C), dev = self._get_preconditioner_dtypes_and_device(module)
             structures = self._get_param_group_entry(module, "structures")
             G = num_blocks(module, self._group_average)
+            for structure, dtype in zip(structures, (dtype_K, dtype_C)):
+                if not _singd_computes_in(self.SUPPORTED_STRUCTURES[structure], dtype):
+                    raise ValueError(
+                        f"Structure {structure!r} (layer {name!r}) cannot be stored in {dtype}: singd "
+                        "0.0.5's structured products reject it. Pass preconditioner_dtype=(torch.float32, "
+                        "torch.float32), or use a dense, diagonal or block-diagonal structure (these run "
+                        "in float64)."
+                    )
             kind = self._bank_kind(structures, dtype_K, dtype_C)
             if kind is not None:
                 key = (kind, self.param_to_group_idx[module.weight.data_ptr()], dtype_K, dev)
@@ -848,6 +862,22 @@ def _tensors(H) -> list[Tensor]:
     if isinstance(H, SymmetricSum):
         return H.tensors()
     return [t for _, t in H.named_tensors()]
+
+
+def _singd_computes_in(structure: type[StructuredMatrix], dtype: torch.dtype) -> bool:
+    """Whether singd's products of ``structure`` accept ``dtype`` (its ``lowest_precision``
+    rejects float64 for the hierarchical and Toeplitz structures). kfac_tn's own routes
+    (dense, diagonal, block-diagonal) accept every float dtype."""
+    if structure is DenseMatrix or issubclass(structure, (DiagonalMatrix, BlockDiagonalMatrixTemplate)):
+        return True
+    check = getattr(sys.modules[structure.__module__], "lowest_precision", None)
+    if check is None:
+        return True
+    try:
+        check(dtype, dtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _untraced_sums(H) -> list[Tensor]:
