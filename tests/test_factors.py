@@ -238,3 +238,48 @@ def test_factor_blocks_reject_a_bad_block_size():
             kfac_tn.factors.input_factor_blocks(layer, x, block)
         with pytest.raises(ValueError, match="block must be a positive integer"):
             kfac_tn.factors.grad_output_factor_blocks(layer, torch.randn(2, 3, 3, 3), block)
+
+
+@pytest.mark.parametrize("kernel", [2, 4, (2, 3)])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_same_padding_with_even_kernels(kernel, approx):
+    """padding='same' with an even kernel pads one more on the right than on the left;
+    fixed cases (hypothesis only reaches them by chance), on both kernel routes."""
+    torch.manual_seed(0)
+    dims = 2 if isinstance(kernel, tuple) else 1
+    conv = (nn.Conv2d if dims == 2 else nn.Conv1d)(3, 4, kernel, padding="same", bias=True).double()
+    x = torch.randn(2, 3, *([7] * dims), dtype=torch.float64)
+    ref = reference_input_factor(conv, x, approx)
+    for routes in ("cpu", "accelerator"):
+        with kfac_tn.use_routes(routes):
+            torch.testing.assert_close(kfac_tn.input_factor(conv, x, approx), ref)
+            for got, want in zip(kfac_tn.factors.input_factor_blocks(conv, x, 5, approx), _diagonal_blocks(ref, 5)):
+                torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_grad_output_blocks_with_an_uneven_last_chunk(approx):
+    """Batch 5 in chunks of 2: the last chunk (1 sample) must count."""
+    conv = nn.Conv2d(3, 7, 3, padding=1).double()
+    g = torch.randn(5, 7, 4, 4, dtype=torch.float64)
+    per_sample = g[0].numel() * g.element_size()
+    full = kfac_tn.grad_output_factor(conv, g, approx, "batch")
+    got = kfac_tn.factors.grad_output_factor_blocks(conv, g, 3, approx, "batch", chunk_bytes=2 * per_sample)
+    for ours, ref in zip(got, _diagonal_blocks(full, 3)):
+        torch.testing.assert_close(ours, ref)
+
+
+def test_block_statistics_from_a_nan_filled_workspace_on_a_strided_transposed_conv():
+    """A reused unfolding buffer must be zeroed where strided writes leave holes."""
+    from kfac_tn.tensor_network.workspace import Workspace
+
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    ws = Workspace()
+    ws.take((100_000,), x).fill_(float("nan"))
+    ws.reset()
+    ref = reference_input_factor(layer, x, "expand")
+    got = kfac_tn.factors.input_factor_blocks(layer, x, 5, "expand", workspace=ws)
+    for ours, want in zip(got, _diagonal_blocks(ref, 5)):
+        torch.testing.assert_close(ours, want)
