@@ -1,5 +1,6 @@
 """kfac_tn.SINGD against stock singd 0.0.5 and against equivalent models."""
 
+import copy
 import warnings
 
 import pytest
@@ -162,8 +163,9 @@ def test_conv_transpose_equals_stock_on_flipped_conv(structure):
                                         ("block30diagonal", "block30diagonal")])
 @pytest.mark.parametrize("pending", [False, True], ids=["after_step", "between_backward_and_step"])
 def test_state_dict_round_trip_is_bit_identical(structures, pending):
-    """Resume through torch.save/torch.load equals the uninterrupted run, also from a
-    checkpoint with pending statistics (taken between backward() and step())."""
+    """Resume through torch.save/torch.load (default weights_only=True) equals the
+    uninterrupted run, also from a checkpoint with pending statistics (taken between
+    backward() and step())."""
     import io
 
     data = _data((6, 3, 7, 7))
@@ -181,7 +183,7 @@ def test_state_dict_round_trip_is_bit_identical(structures, pending):
     torch.save({"opt": opt2.state_dict(), "model": m2.state_dict(),
                 "grads": [p.grad for p in m2.parameters()]}, buffer)
     buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=False)
+    checkpoint = torch.load(buffer)  # torch's default: weights_only=True
     m3 = _cnn()
     m3.load_state_dict(checkpoint["model"])
     opt3 = kfac_tn.SINGD(m3, **kwargs)
@@ -413,3 +415,24 @@ def test_float64_with_a_float32_only_structure_is_a_clear_error(structure):
                         preconditioner_dtype=(torch.float32, torch.float32))
     params = _train(model, opt, tuple(t.double() if t.is_floating_point() else t for t in _data((4, 3, 7, 7))), 2)
     assert params.dtype == torch.float64 and torch.isfinite(params).all()
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal"])
+def test_loads_a_stock_singd_checkpoint(structure, stock_float64):
+    """Train with stock singd, continue with kfac_tn from stock's state: the same
+    parameters as stock continuing (float64)."""
+    dtype = torch.float64
+    data = tuple(t.to(dtype) if t.is_floating_point() else t for t in _data((6, 3, 7, 7)))
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, structures=(structure, structure), weight_decay=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m1 = _cnn().to(dtype)
+        stock = StockSINGD(m1, **kwargs)
+        _train(m1, stock, data, 3)
+        m2 = _cnn().to(dtype)
+        m2.load_state_dict(m1.state_dict())
+        ours = kfac_tn.SINGD(m2, **kwargs)
+        ours.load_state_dict(copy.deepcopy(stock.state_dict()))
+        ref = _train(m1, stock, data, 2)
+        got = _train(m2, ours, data, 2)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)

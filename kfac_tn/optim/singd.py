@@ -787,11 +787,24 @@ class SINGD(StockSINGD):
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """singd's state with every matrix as plain tensors (``{"type", "tensors"}``), so
+        that ``torch.load``'s default ``weights_only=True`` reads a saved checkpoint."""
         self._finish_reductions()
-        return super().state_dict()
+        state = super().state_dict()
+        for key in MATRIX_STATE:
+            state[key] = {name: [_matrix_state(M) for M in Ms] for name, Ms in state[key].items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from :meth:`state_dict`; a state of another model is an error."""
+        """Load a state from :meth:`state_dict`, or stock singd's (its matrix objects, one
+        per layer); a state of another model is an error."""
+        state_dict = dict(state_dict)
+        for key in MATRIX_STATE:
+            if isinstance(state_dict.get(key), dict):  # stock singd: one matrix per layer, not a list
+                state_dict[key] = {
+                    name: [_matrix_from_state(e, self.SUPPORTED_STRUCTURES) for e in (Ms if isinstance(Ms, list) else [Ms])]
+                    for name, Ms in state_dict[key].items()
+                }
         for key in ("Ks", "Cs"):
             theirs = state_dict.get(key)
             if theirs is None:
@@ -862,6 +875,36 @@ def _tensors(H) -> list[Tensor]:
     if isinstance(H, SymmetricSum):
         return H.tensors()
     return [t for _, t in H.named_tensors()]
+
+
+#: the optimizer's state attributes that hold matrices (lists per layer)
+MATRIX_STATE = ("Ks", "Cs", "m_Ks", "m_Cs", "H_Ks", "H_Cs")
+
+
+def _matrix_state(M: StructuredMatrix | SymmetricSum) -> dict[str, Any]:
+    """A matrix as plain data: its type's name and its tensors."""
+    if isinstance(M, SymmetricSum):
+        return {"type": "SymmetricSum", "factors": list(M.factors), "dense": M.dense}
+    return {"type": type(M).__name__, "tensors": dict(M.named_tensors())}
+
+
+def _matrix_from_state(entry: Any, structures: dict[str, type]) -> StructuredMatrix | SymmetricSum:
+    """Inverse of :func:`_matrix_state`; matrix objects (singd's own format) pass through."""
+    if not isinstance(entry, dict):
+        return entry
+    if entry.get("type") == "SymmetricSum":
+        H = SymmetricSum(dense=entry["dense"])
+        H.factors = list(entry["factors"])
+        return H
+    classes = {cls.__name__: cls for cls in structures.values()}
+    if entry.get("type") not in classes:
+        raise ValueError(f"State dict holds a matrix of unknown type {entry.get('type')!r}; "
+                         f"known: {sorted(classes)} and 'SymmetricSum'.")
+    M = classes[entry["type"]].__new__(classes[entry["type"]])
+    StructuredMatrix.__init__(M)
+    for name, tensor in entry["tensors"].items():
+        M.register_tensor(tensor, name)
+    return M
 
 
 def _singd_computes_in(structure: type[StructuredMatrix], dtype: torch.dtype) -> bool:
