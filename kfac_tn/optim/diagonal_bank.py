@@ -46,7 +46,6 @@ class DiagonalBank:
             partner += [first + G + b for b in range(G)] + [first + b for b in range(G)]
             is_K += [True] * G + [False] * G
             offset += G * (d_K + d_C)
-        self.size = offset
         self.dtype, self.device = dtype, device
         self.stat_dtype = torch.promote_types(dtype, torch.float32)
         self.values = torch.ones(offset, dtype=dtype, device=device)

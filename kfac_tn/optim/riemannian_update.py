@@ -76,7 +76,7 @@ class StepScalars:
     @classmethod
     def from_row(cls, row: Tensor) -> StepScalars:
         """Views into a row ``[len(COLUMNS)]`` of :func:`step_scalars`' table (no kernels)."""
-        return cls(*row.unbind(0))
+        return cls(**dict(zip(COLUMNS, row.unbind(0))))
 
 
 def step_scalars(
@@ -122,9 +122,10 @@ def riemannian_step_(
     divided by ``max(1, max|m|)``. ``H`` must be finite. Dense M: in place in
     ``m_old``'s buffer; on accelerators ``MᵀM`` and ``M m`` are one GEMM each (into one
     ``d × d`` temporary), on a CPU symmetric block products and a row-blocked ``M m``
-    with Python scalars (reading a CPU tensor costs no sync), so no ``d × d`` scratch. Block-diagonal M: batched over blocks.
-    Other structures: singd's structured arithmetic on their tensors. Returns the new
-    momentum (``m_old`` itself where it was given and M is dense or block-diagonal).
+    with Python scalars (reading a CPU tensor costs no sync), so no ``d × d`` scratch.
+    Block-diagonal M: batched over blocks. Other structures: singd's structured
+    arithmetic on their tensors. Returns the new momentum (``m_old`` itself where it was
+    given and M is dense or block-diagonal).
     """
     if isinstance(M, DenseMatrix):
         return _dense_step_(M, H, m_old, scalars, normalize, workspace)
