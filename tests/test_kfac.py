@@ -1,5 +1,7 @@
 """kfac_tn.KFAC: the preconditioned step against an explicit Kronecker solve."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -247,3 +249,30 @@ def test_running_averages_weight_old_and_new_factors_as_documented(factor_update
     for name, state in opt.kfac_state.items():
         for i, key in enumerate(("A", "G")):
             torch.testing.assert_close(state[key], eps * F1[name][i] + (1 - eps) * F2[name][i])
+
+
+def test_a_layer_used_twice_equals_one_call_on_both_inputs():
+    """KFAC-expand: a siamese network (one Linear applied to two inputs) and the same
+    function as one call on ``[B, 2, D]`` get the same factors. (KFAC-reduce averages
+    inputs over positions before the outer product, which per-call hooks cannot do across
+    calls: there the two forms differ, see the README.)"""
+    approx = "expand"
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 3).double()
+    X, y = torch.randn(5, 2, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def loss_twice(model):
+        return nn.functional.cross_entropy(model(X[:, 0]) + model(X[:, 1]), y)
+
+    def loss_once(model):
+        return nn.functional.cross_entropy(model(X).sum(1), y)
+
+    factors = []
+    for loss in (loss_twice, loss_once):
+        model = copy.deepcopy(shared)
+        opt = kfac_tn.KFAC(model, lr=0.0, momentum=0.0, ema_decay=0.0, kfac_approx=approx)
+        loss(model).backward()
+        opt.step()
+        factors.append((opt.kfac_state[""]["A"], opt.kfac_state[""]["G"]))
+    for a, b in zip(*factors):
+        torch.testing.assert_close(a, b)

@@ -11,6 +11,8 @@ SGD. Parameters of the optimizer that belong to no supported layer get the SGD s
 
 Several backward passes before one ``step`` (gradient accumulation) contribute the
 mean of their factors; each pass's loss should be the average over its own micro-batch.
+Several uses of a layer within one pass (weight sharing, a siamese network) count like
+positions of one call: their A averaged, their G summed, as curvlinops' KFAC does.
 """
 
 from __future__ import annotations
@@ -66,6 +68,22 @@ def _damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         evals, evecs = evals.to(dtype), evecs.to(dtype)
     # contiguous: ranks that receive a broadcast copy must multiply with the same layout
     return evals.clamp_min_(0).contiguous(), evecs.contiguous()
+
+
+def _backward_pass_id() -> int | None:
+    """Id of the running backward pass (the autograd graph task), None if unknown."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current() if current is not None else None
+
+
+def _fold_pass(pending: dict[str, Any]) -> None:
+    """Add a finished backward pass to a layer's pending sums: its uses' A averaged, G summed."""
+    calls = pending.pop("calls", 0)
+    if calls:
+        pending["A"] = pending["A"] + pending.pop("A_pass") / calls
+        pending["G"] = pending["G"] + pending.pop("G_pass")
+        pending["count"] += 1
+    pending.pop("task", None)
 
 
 def _warn_skipped(flags: list[bool], step: int) -> None:
@@ -194,12 +212,20 @@ class KFAC(torch.optim.Optimizer):
         A = input_factor(module, x, self.kfac_approx, self.group_average)
         G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
         pending = self._pending.setdefault(name, {"A": 0, "G": 0, "count": 0})
-        pending["A"] = pending["A"] + A
-        pending["G"] = pending["G"] + G
-        pending["count"] += 1
+        task = _backward_pass_id()
+        if pending.get("task") != task or task is None:  # a new backward pass
+            _fold_pass(pending)
+            pending.update(task=task, A_pass=0, G_pass=0, calls=0)
+        # uses of the layer within one backward pass are positions of one call (curvlinops):
+        # their A averaged, their G summed; backward passes are averaged (gradient accumulation)
+        pending["A_pass"] = pending["A_pass"] + A
+        pending["G_pass"] = pending["G_pass"] + G
+        pending["calls"] += 1
 
     def _all_reduce_pending(self) -> None:
         """Average A (an average) and G (summed for a summed loss) over ranks, one bucket each."""
+        for pending in self._pending.values():
+            _fold_pass(pending)
         names = sorted(self._pending)
         counts = {n: self._pending[n]["count"] for n in names}
         for key, op in (("A", dist.ReduceOp.AVG), ("G", dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)):
@@ -221,6 +247,7 @@ class KFAC(torch.optim.Optimizer):
         """
         names, flags = [], []
         for name, pending in self._pending.items():
+            _fold_pass(pending)
             A, G = pending["A"] / pending["count"], pending["G"] / pending["count"]
             finite = torch.isfinite(torch.stack([A.sum(), G.sum()])).all()
             use = finite & ok
@@ -395,12 +422,15 @@ class KFAC(torch.optim.Optimizer):
         if grads:
             torch._foreach_mul_(grads, inv)
         for pending in self._pending.values():
+            _fold_pass(pending)
             pending["G"] = pending["G"] * inv**2
         return ok
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        for p in self._pending.values():
+            _fold_pass(p)
         pending = {n: {"A": p["A"], "G": p["G"], "count": p["count"]} for n, p in self._pending.items()}
         state["kfac"] = {"steps": self.steps, "layers": {n: dict(s) for n, s in self.kfac_state.items()},
                          "pending": pending}  # a checkpoint between backward() and step() resumes exactly
