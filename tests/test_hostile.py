@@ -18,6 +18,7 @@
 | rebuilding the optimizer after `model.double()` | the new one trains; the old one is gone, its hooks too |
 | two live optimizers on one model | each captures its own statistics |
 | `SINGD(model, params=[layer.weight])` | only the weight changes (the bias column still shapes the solve) |
+| `ConvTranspose2d(...)(x, output_size=...)` (U-Net decoder) | factors of the call made, not of the stored `output_padding` |
 | frozen weights, trainable biases (BitFit) | those layers are not preconditioned; their biases take SGD steps (= torch.optim.SGD) |
 """
 
@@ -246,3 +247,35 @@ def test_bitfit_biases_take_the_steps_of_torch_sgd(name):
         _step(ref_model, ref, X, y)
     for a, b in zip(ours_model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class _Decoder(nn.Module):
+    """A U-Net-style upsampling: ConvTranspose2d called with ``output_size=``, or the same
+    layer built with the ``output_padding`` that call implies."""
+
+    def __init__(self, output_padding):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=output_padding)
+        self.head = nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x):
+        if self.up.output_padding == (0, 0):
+            y = self.up(x, output_size=[2 * x.shape[-2], 2 * x.shape[-1]])
+        else:
+            y = self.up(x)
+        return self.head(torch.tanh(y).flatten(1))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_conv_transpose_called_with_output_size(name):
+    """Both forms compute the same function, so both must train the same way."""
+    X, y = torch.randn(4, 3, 4, 4), torch.randint(0, 3, (4,))
+    runs = []
+    for output_padding in (0, 1):
+        model = _Decoder(output_padding)
+        opt = OPTIMIZERS[name](model)
+        for _ in range(3):
+            _step(model, opt, X, y)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(runs[0], runs[1])

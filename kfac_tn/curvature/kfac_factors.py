@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
+from kfac_tn.factors.layers import as_called
 
 FISHER_TYPES = ("empirical", "type-2", "mc")
 LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
@@ -117,6 +118,7 @@ def kfac_factors(
 
     def forward_hook(name: str):
         def hook(module: nn.Module, inp: tuple, out: Tensor) -> None:
+            module = as_called(module, inp[0], out.shape)  # e.g. a ConvTranspose called with output_size=
             with torch.no_grad():
                 a = input_factor(module, inp[0].detach(), approx, group_average)
             A[name] = A[name] + a if name in A else a

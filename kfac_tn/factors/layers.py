@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch.nn.functional as F
@@ -63,6 +64,23 @@ def conv_input(layer: nn.Module, x: Tensor) -> tuple[Tensor, tuple[ConvDim, ...]
         return x, layer_conv_dims(layer, x.shape)
     x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
     return x, conv_dims(x.shape[2:], layer.kernel_size, layer.stride, 0, layer.dilation)
+
+
+def as_called(layer: nn.Module, x: Tensor, output_shape: Sequence[int]) -> nn.Module:
+    """The layer as one call ran it: a transposed convolution called with ``output_size=``
+    (e.g. a U-Net decoder) adds output entries that its ``output_padding`` attribute does
+    not hold. Returns ``layer`` itself, or a shallow copy (same parameters) whose
+    ``output_padding`` is the one that produced ``output_shape``.
+    """
+    if not isinstance(layer, TRANSPOSED_CONV_TYPES) or x.dim() != len(layer.kernel_size) + 2:
+        return layer
+    default = [d.output_size - d.output_padding for d in layer_conv_dims(layer, x.shape)]
+    padding = tuple(int(o) - d for o, d in zip(output_shape[2:], default))
+    if padding == tuple(layer.output_padding):
+        return layer
+    called = copy.copy(layer)
+    called.output_padding = padding
+    return called
 
 
 def num_positions(layer: nn.Module, x: Tensor) -> int:

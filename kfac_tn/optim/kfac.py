@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
+from kfac_tn.factors.layers import as_called
 from kfac_tn.optim.deferred import DeferredFlags
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
@@ -209,6 +210,7 @@ class KFAC(torch.optim.Optimizer):
         # statistics and their running averages in >= float32, whatever autocast ran in
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
+        module = as_called(module, x, grad_output.shape)  # e.g. a ConvTranspose called with output_size=
         A = input_factor(module, x, self.kfac_approx, self.group_average)
         G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
         pending = self._pending.setdefault(name, {"A": 0, "G": 0, "count": 0})

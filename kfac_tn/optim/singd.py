@@ -60,7 +60,7 @@ from kfac_tn.factors import (
     input_row_chunks,
     input_rows,
 )
-from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, num_positions
+from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, as_called, num_positions
 from kfac_tn.optim.block_bank import BlockBank
 from kfac_tn.optim.deferred import DeferredFlags
 from kfac_tn.optim.diagonal_bank import DiagonalBank
@@ -362,21 +362,22 @@ class SINGD(StockSINGD):
         a = inputs[0].data.to(stat_K)
         g = grad_output.data.to(stat_C)
         prev_grad_scale = self._get_grad_scale(self.steps - 1)
+        layer = as_called(module, a, grad_output.shape)  # e.g. a ConvTranspose called with output_size=
         bank = self._bank_of.get(name)
         if bank is not None:
             ga = self._group_average
             if isinstance(bank, DiagonalBank):
-                sum_A, scale_A = input_factor_diagonal_sum(module, a, kfac_approx, ga)
-                sum_G, scale_G = grad_output_factor_diagonal_sum(module, g, kfac_approx, loss_average, ga)
+                sum_A, scale_A = input_factor_diagonal_sum(layer, a, kfac_approx, ga)
+                sum_G, scale_G = grad_output_factor_diagonal_sum(layer, g, kfac_approx, loss_average, ga)
                 bank.add_statistics(name, sum_A, scale_A, sum_G, scale_G / prev_grad_scale)
             else:
                 self._stats_workspace.reset()
-                blocks, last = input_factor_blocks(module, a, bank.block, kfac_approx, ga,
+                blocks, last = input_factor_blocks(layer, a, bank.block, kfac_approx, ga,
                                                    workspace=self._stats_workspace)
                 for group, (b, r) in enumerate(zip(blocks, last)):
                     bank.add_statistics(name, 0, group, b, r, 1.0)
                 self._stats_workspace.reset()
-                blocks, last = grad_output_factor_blocks(module, g, bank.block, kfac_approx, loss_average, ga,
+                blocks, last = grad_output_factor_blocks(layer, g, bank.block, kfac_approx, loss_average, ga,
                                                          workspace=self._stats_workspace)
                 for group, (b, r) in enumerate(zip(blocks, last)):
                     bank.add_statistics(name, 1, group, b, r, 1.0 / prev_grad_scale)
@@ -387,8 +388,8 @@ class SINGD(StockSINGD):
             g = g / sqrt(prev_grad_scale)
         Ks = [_cast(K, stat_K) for K in self.Ks[name]]
         Cs = [_cast(C, stat_C) for C in self.Cs[name]]
-        H_K = self._H_K(module, a, Ks, kfac_approx)
-        H_C = self._H_C(module, g, Cs, kfac_approx, loss_average)
+        H_K = self._H_K(layer, a, Ks, kfac_approx)
+        H_C = self._H_C(layer, g, Cs, kfac_approx, loss_average)
         if is_distributed():
             # factors of different ranks cannot be summed: densify, then one bucket per layer
             H_K = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_K]
