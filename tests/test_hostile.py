@@ -18,6 +18,7 @@
 | rebuilding the optimizer after `model.double()` | the new one trains; the old one is gone, its hooks too |
 | two live optimizers on one model | each captures its own statistics |
 | `SINGD(model, params=[layer.weight])` | only the weight changes (the bias column still shapes the solve) |
+| GradScaler + `unscale_` + gradient clipping (torch's AMP recipe) | with `opt.set_current_grad_scale(scaler.get_scale())` before `scaler.step(opt)`: equals the unscaled run; without it: a RuntimeError saying so |
 | `ConvTranspose2d(...)(x, output_size=...)` (U-Net decoder) | factors of the call made, not of the stored `output_padding` |
 | frozen weights, trainable biases (BitFit) | those layers are not preconditioned; their biases take SGD steps (= torch.optim.SGD) |
 """
@@ -279,3 +280,45 @@ def test_conv_transpose_called_with_output_size(name):
             _step(model, opt, X, y)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_grad_scaler_with_unscale_and_clipping_equals_the_unscaled_run(name):
+    """torch's AMP recipe: scale(loss).backward(); unscale_(opt); clip; step(opt)."""
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    init = 2.0**10
+    make = {"singd": lambda m: kfac_tn.SINGD(m, lr=0.05, lr_cov=0.1, T=1, init_grad_scale=init),
+            "kfac": lambda m: kfac_tn.KFAC(m, lr=0.05, damping=1e-2, inverse_update_freq=1)}[name]
+    runs = []
+    for scaled in (False, True):
+        model = _conv_net()
+        opt = make(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=init) if scaled else None
+        for _ in range(3):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(X), y)
+            if scaler is None:
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step()
+                continue
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.set_current_grad_scale(scaler.get_scale())
+            scaler.step(opt)
+            scaler.update()
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_grad_scaler_after_unscale_without_the_scale_is_a_clear_error(name):
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="set_current_grad_scale"):
+        scaler.step(opt)

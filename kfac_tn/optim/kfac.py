@@ -190,7 +190,14 @@ class KFAC(torch.optim.Optimizer):
         self.kfac_state: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
         self._pending: dict[str, dict[str, Any]] = {}
         self._deferred = DeferredFlags()
+        self._loss_scale: float | None = None
         self._capture = LayerCapture(self.layers, self._accumulate, self._statistics_due)
+
+    def set_current_grad_scale(self, grad_scale: float) -> None:
+        """The loss scale of this step's backward passes, for the gradient-clipping recipe
+        (``scaler.unscale_(opt)``; clip; ``opt.set_current_grad_scale(scaler.get_scale())``;
+        ``scaler.step(opt)``), where GradScaler does not pass it (same name as singd's)."""
+        self._loss_scale = float(grad_scale)
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model: no more statistics are captured.
@@ -415,14 +422,23 @@ class KFAC(torch.optim.Optimizer):
         device = self.param_groups[0]["params"][0].device
         ok = torch.ones((), dtype=torch.bool, device=device)
         scale = getattr(self, "grad_scale", None)
-        if scale is None:
-            return ok
         found_inf = getattr(self, "found_inf", None)
+        loss_scale, self._loss_scale = self._loss_scale, None
         if found_inf is not None:
             ok = found_inf.to(device) == 0
-        inv = 1.0 / float(scale)
-        if grads:
-            torch._foreach_mul_(grads, inv)
+        if scale is None and found_inf is None:
+            return ok  # no GradScaler
+        if scale is None:  # GradScaler.unscale_ ran (gradient clipping): G still carries s²
+            if loss_scale is None:
+                raise RuntimeError(
+                    "GradScaler.unscale_() ran on this optimizer before step(), so the loss scale of the "
+                    "pending statistics is unknown: call opt.set_current_grad_scale(scaler.get_scale()) "
+                    "before scaler.step(opt).")
+            inv = 1.0 / loss_scale
+        else:
+            inv = 1.0 / float(scale)
+            if grads:
+                torch._foreach_mul_(grads, inv)
         for pending in self._pending.values():
             _fold_pass(pending)
             pending["G"] = pending["G"] * inv**2

@@ -457,7 +457,7 @@ class SINGD(StockSINGD):
         name = self.module_names[module]
         has_bias = module.bias is not None
         grads = gradient_blocks(module, self._group_average)
-        grad_scale = self._get_grad_scale(self.steps)
+        grad_scale = self._gradient_scale()
         T = self._get_param_group_entry(module, "T")
         dim_K, dim_C = block_dims(module, self._group_average)
         dtype_K, dtype_C = self._get_param_group_entry(module, "preconditioner_dtype")
@@ -524,7 +524,15 @@ class SINGD(StockSINGD):
 
     def _device_step(self) -> None:
         """:meth:`step` without host syncs: the skip decisions are device flags."""
+        # GradScaler.step sets found_inf; grad_scale is None when unscale_ already ran
+        # (the gradient-clipping recipe): the gradients are unscaled, the statistics not
+        self._grads_unscaled = hasattr(self, "found_inf") and getattr(self, "grad_scale", None) is None
         if self.steps not in self._grad_scales:
+            if self._grads_unscaled:
+                raise RuntimeError(
+                    "GradScaler.unscale_() ran on this optimizer before step(), so the loss scale of the "
+                    "curvature statistics is unknown: call opt.set_current_grad_scale(scaler.get_scale()) "
+                    "before scaler.step(opt).")
             grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step: its one sync
             self.set_current_grad_scale(1.0 if grad_scale is None else float(grad_scale))
         self._deferred.poll()
@@ -565,6 +573,10 @@ class SINGD(StockSINGD):
         self._deferred.post(~ok, self._warn_skipped_step)
         self.steps += 1
         self._remove_used_grad_scales()
+
+    def _gradient_scale(self) -> float:
+        """The factor the gradients still carry (1 once GradScaler.unscale_ ran)."""
+        return 1.0 if getattr(self, "_grads_unscaled", False) else self._get_grad_scale(self.steps)
 
     def _momentum_buffers(self, params: list[nn.Parameter], group: dict) -> list[Tensor] | None:
         if group["momentum"] == 0.0:
@@ -741,7 +753,7 @@ class SINGD(StockSINGD):
         """``(parameter, C² ⊙ ∇ ⊙ K²)`` pairs of one banked layer (diagonal K, C)."""
         bank = self._bank_of[name]
         k2, c2 = bank.K_view(bank.squares, name), bank.C_view(bank.squares, name)  # [G, d_K], [G, d_C]
-        grad_scale = self._get_grad_scale(self.steps)
+        grad_scale = self._gradient_scale()
         weight, bias = module.weight, module.bias
         G, d_C = c2.shape
         out = []
