@@ -19,6 +19,7 @@
 | two live optimizers on one model | each captures its own statistics |
 | `SINGD(model, params=[layer.weight])` | only the weight changes (the bias column still shapes the solve) |
 | GradScaler + `unscale_` + gradient clipping (torch's AMP recipe) | with `opt.set_current_grad_scale(scaler.get_scale())` before `scaler.step(opt)`: equals the unscaled run; without it: a RuntimeError saying so |
+| a layer whose forward() never runs (MultiheadAttention.out_proj) | one warning naming the cause, then gradient/SGD steps |
 | `ConvTranspose2d(...)(x, output_size=...)` (U-Net decoder) | factors of the call made, not of the stored `output_padding` |
 | frozen weights, trainable biases (BitFit) | those layers are not preconditioned; their biases take SGD steps (= torch.optim.SGD) |
 """
@@ -322,3 +323,34 @@ def test_grad_scaler_after_unscale_without_the_scale_is_a_clear_error(name):
     scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match="set_current_grad_scale"):
         scaler.step(opt)
+
+
+class _Attention(nn.Module):
+    """MultiheadAttention applies its ``out_proj`` Linear functionally (no forward call)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.att(h, h, h)[0].mean(1))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_layer_whose_forward_never_runs_is_named_once(name):
+    import warnings
+
+    model = _Attention()
+    ctor = {"singd": lambda m: kfac_tn.SINGD(m, T=1, warn_unsupported=False),
+            "kfac": lambda m: kfac_tn.KFAC(m, warn_unsupported=False)}[name]
+    opt = ctor(model)
+    X, y = torch.randn(4, 5, 6), torch.randint(0, 3, (4,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            _step(model, opt, X, y)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "'att.out_proj' has never run its forward()" in messages[0]

@@ -39,6 +39,8 @@ class LayerCapture:
         self._on_backward = _weak(on_backward)
         self._is_due = _weak(is_due)
         self._module_ids = {name: id(module) for name, module in modules.items()}
+        #: layers whose forward() has run at least once (others are only used functionally)
+        self.seen: set[str] = set()
         self.handles: list[RemovableHandle] = [
             module.register_forward_hook(self._forward_hook(name)) for name, module in modules.items()
         ]
@@ -51,6 +53,7 @@ class LayerCapture:
             if on_backward is None or is_due is None:  # the optimizer is gone
                 self.remove()
                 return
+            self.seen.add(name)
             if not (torch.is_grad_enabled() and module.training):
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:

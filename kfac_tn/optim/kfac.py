@@ -191,6 +191,7 @@ class KFAC(torch.optim.Optimizer):
         self._pending: dict[str, dict[str, Any]] = {}
         self._deferred = DeferredFlags()
         self._loss_scale: float | None = None
+        self._warned: set[str] = set()
         self._capture = LayerCapture(self.layers, self._accumulate, self._statistics_due)
 
     def set_current_grad_scale(self, grad_scale: float) -> None:
@@ -387,6 +388,11 @@ class KFAC(torch.optim.Optimizer):
         directions: dict[int, Tensor] = {}
         for name, module in self.layers.items():
             state = self.kfac_state[name]
+            if module.weight.grad is not None and name not in self._capture.seen and name not in self._warned:
+                self._warned.add(name)
+                warn(f"Layer {name!r} has never run its forward() (it is used through a functional call, "
+                     "e.g. MultiheadAttention.out_proj), so it gets no KFAC factors and takes SGD steps. "
+                     "This warning is shown once.", stacklevel=2)
             if "A" not in state or module.weight.grad is None:
                 continue
             has_bias = module.bias is not None

@@ -171,6 +171,7 @@ class SINGD(StockSINGD):
         self.update_worker_fraction = float(update_worker_fraction)
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
         self._dims_cache: dict[tuple, Tensor] = {}
+        self._warned_never_called: set[str] = set()
         # scratch memory, freed after each step: one for the statistics (backward pass,
         # when activations are alive: kept small), one for step()'s products
         self._stats_workspace = Workspace()
@@ -574,6 +575,21 @@ class SINGD(StockSINGD):
         self.steps += 1
         self._remove_used_grad_scales()
 
+    def _warn_no_statistics(self, name: str) -> None:
+        """A due layer without statistics: say why (once if its forward never ran)."""
+        if name not in self._capture.seen:
+            if name not in self._warned_never_called:
+                self._warned_never_called.add(name)
+                warn(f"Layer {name!r} has never run its forward() (it is used through a functional call, "
+                     "e.g. MultiheadAttention.out_proj), so it gets no curvature statistics: its "
+                     "pre-conditioner stays the identity and its parameters take plain gradient steps. "
+                     "This warning is shown once.", stacklevel=4)
+            return
+        warn(
+            f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
+            "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
+            "is left unchanged.", stacklevel=4)
+
     def _gradient_scale(self) -> float:
         """The factor the gradients still carry (1 once GradScaler.unscale_ ran)."""
         return 1.0 if getattr(self, "_grads_unscaled", False) else self._get_grad_scale(self.steps)
@@ -624,10 +640,7 @@ class SINGD(StockSINGD):
             name = self.module_names[module]
             H_Ks, H_Cs = self.H_Ks.pop(name, None), self.H_Cs.pop(name, None)
             if H_Ks is None or H_Cs is None:
-                warn(
-                    f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
-                    "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
-                    "is left unchanged.", stacklevel=3)
+                self._warn_no_statistics(name)
                 continue
             group_idx = self.param_to_group_idx[module.weight.data_ptr()]
             for b, (K, C, H_K, H_C) in enumerate(zip(self.Ks[name], self.Cs[name], H_Ks, H_Cs)):
@@ -721,10 +734,7 @@ class SINGD(StockSINGD):
         present = []
         for name in bank.layout:
             if self.H_Ks.pop(name, None) is None:
-                warn(
-                    f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
-                    "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
-                    "is left unchanged.", stacklevel=3)
+                self._warn_no_statistics(name)
             else:
                 present.append(name)
             self.H_Cs.pop(name, None)
