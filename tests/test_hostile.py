@@ -19,6 +19,8 @@
 | two live optimizers on one model | each captures its own statistics |
 | `SINGD(model, params=[layer.weight])` | only the weight changes (the bias column still shapes the solve) |
 | GradScaler + `unscale_` + gradient clipping (torch's AMP recipe) | with `opt.set_current_grad_scale(scaler.get_scale())` before `scaler.step(opt)`: equals the unscaled run; without it: a RuntimeError saying so |
+| activation checkpointing (`torch.utils.checkpoint`, non-reentrant) | the same trajectory as without |
+| channels_last model and input | the same trajectory as contiguous |
 | a layer whose forward() never runs (MultiheadAttention.out_proj) | one warning naming the cause, then gradient/SGD steps |
 | `ConvTranspose2d(...)(x, output_size=...)` (U-Net decoder) | factors of the call made, not of the stored `output_padding` |
 | frozen weights, trainable biases (BitFit) | those layers are not preconditioned; their biases take SGD steps (= torch.optim.SGD) |
@@ -354,3 +356,42 @@ def test_a_layer_whose_forward_never_runs_is_named_once(name):
             _step(model, opt, X, y)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "'att.out_proj' has never run its forward()" in messages[0]
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, checkpointed):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+        self.checkpointed = checkpointed
+
+    def forward(self, x):
+        if self.checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            return self.head(checkpoint(self.body, x, use_reentrant=False))
+        return self.head(self.body(x))
+
+
+def _trajectory(model, opt, X, y, steps=3):
+    for _ in range(steps):
+        _step(model, opt, X, y)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_activation_checkpointing_changes_nothing(name):
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    runs = [_trajectory(m, OPTIMIZERS[name](m), X, y) for m in (_Checkpointed(False), _Checkpointed(True))]
+    torch.testing.assert_close(runs[1], runs[0])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_channels_last_changes_nothing(name):
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    plain = _conv_net()
+    ref = _trajectory(plain, OPTIMIZERS[name](plain), X, y)
+    model = _conv_net().to(memory_format=torch.channels_last)
+    got = _trajectory(model, OPTIMIZERS[name](model), X.to(memory_format=torch.channels_last), y)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
