@@ -276,3 +276,34 @@ def test_a_layer_used_twice_equals_one_call_on_both_inputs():
         factors.append((opt.kfac_state[""]["A"], opt.kfac_state[""]["G"]))
     for a, b in zip(*factors):
         torch.testing.assert_close(a, b)
+
+
+def test_inverses_are_refreshed_exactly_every_inverse_update_freq_steps():
+    """inverse_update_freq=3: step 2 preconditions with the inverse formed at step 0,
+    i.e. with the factors of step 0's batch (kfac_factors as the oracle), not step 1's."""
+    from kfac_tn.optim.weight_blocks import matrix_blocks
+
+    model = _model()
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 5, (6,), generator=gen))
+               for _ in range(3)]
+    damping, lr = 1e-2, 0.1
+    oracle = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), *batches[0], fisher="empirical")
+    opt = kfac_tn.KFAC(model, lr=lr, momentum=0.0, damping=damping, ema_decay=0.0, inverse_update_freq=3,
+                       inverse_dtype=torch.float64)
+    for X, y in batches[:2]:
+        _train(model, opt, 1, (X, y))
+    before = {n: [p.detach().clone() for p in model.get_submodule(n).parameters()] for n in oracle}
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(batches[2][0]), batches[2][1]).backward()
+    grads = {n: [p.grad.clone() for p in model.get_submodule(n).parameters()] for n in oracle}
+    opt.step()
+    for name, (A, G) in oracle.items():
+        module = model.get_submodule(name)
+        V = matrix_blocks(module, *grads[name], False)
+        step = matrix_blocks(module, *[(b - p.detach()) / lr for b, p in zip(before[name], module.parameters())], False)
+        for b in range(A.shape[0]):
+            curvature = torch.kron(G[b] + damping**0.5 * torch.eye(G.shape[-1], dtype=A.dtype),
+                                   A[b] + damping**0.5 * torch.eye(A.shape[-1], dtype=A.dtype))
+            expected = torch.linalg.solve(curvature, V[b].flatten()).reshape(V[b].shape)
+            torch.testing.assert_close(step[b], expected)
