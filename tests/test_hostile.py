@@ -19,6 +19,7 @@
 | two live optimizers on one model | each captures its own statistics |
 | `SINGD(model, params=[layer.weight])` | only the weight changes (the bias column still shapes the solve) |
 | GradScaler + `unscale_` + gradient clipping (torch's AMP recipe) | with `opt.set_current_grad_scale(scaler.get_scale())` before `scaler.step(opt)`: equals the unscaled run; without it: a RuntimeError saying so |
+| an optimizer built on `torch.compile(model)` | layer names without `_orig_mod.`: states move between compiled and plain models |
 | activation checkpointing (`torch.utils.checkpoint`, non-reentrant) | the same trajectory as without |
 | channels_last model and input | the same trajectory as contiguous |
 | a layer whose forward() never runs (MultiheadAttention.out_proj) | one warning naming the cause, then gradient/SGD steps |
@@ -395,3 +396,18 @@ def test_channels_last_changes_nothing(name):
     model = _conv_net().to(memory_format=torch.channels_last)
     got = _trajectory(model, OPTIMIZERS[name](model), X.to(memory_format=torch.channels_last), y)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_states_move_between_a_compiled_and_the_plain_model(name):
+    """The layers of ``torch.compile(model)`` are the model's own: same names, same state."""
+    model = _conv_net()
+    plain = OPTIMIZERS[name](model)
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    _step(model, plain, X, y)
+    plain.remove_hooks()
+    compiled = OPTIMIZERS[name](torch.compile(model))  # not run here: compiling takes long on a CPU
+    compiled.load_state_dict(plain.state_dict())
+    assert compiled.state_dict()["state"].keys() == plain.state_dict()["state"].keys()
+    layers = compiled.Ks if name == "singd" else compiled.kfac_state
+    assert set(layers) == {"0", "4"}

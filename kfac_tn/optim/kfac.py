@@ -46,6 +46,7 @@ from kfac_tn.optim.validation import (
     one_of,
     positive_int,
     reject_wrappers,
+    unwrap_compiled,
 )
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks
 
@@ -145,6 +146,7 @@ class KFAC(torch.optim.Optimizer):
         warn_unsupported: bool = True,
         update_worker_fraction: float = 1.0,
     ) -> None:
+        model = unwrap_compiled(model)
         reject_wrappers(model)
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("damping", damping)):
             non_negative(name, value)

@@ -98,6 +98,7 @@ from kfac_tn.optim.validation import (
     one_of,
     positive_int,
     reject_wrappers,
+    unwrap_compiled,
 )
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks, num_blocks
 from kfac_tn.tensor_network.workspace import Workspace
@@ -156,6 +157,7 @@ class SINGD(StockSINGD):
         natural_gradient_cache: str = "memory",
         update_worker_fraction: float = 1.0,
     ):
+        model = unwrap_compiled(model)
         reject_wrappers(model)
         _validate_hyperparameters(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,

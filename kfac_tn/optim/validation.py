@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from numbers import Real
 from typing import Any
 
+import torch
+
 
 def non_negative(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
@@ -37,6 +39,13 @@ def one_of(name: str, value: Any, options: Iterable[Any]) -> None:
     options = tuple(options)
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}.")
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module a ``torch.compile`` wrapper runs (its layers' names lose ``_orig_mod.``,
+    so states load into the uncompiled model and back); other models unchanged."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
 def reject_wrappers(model: Any) -> None:
