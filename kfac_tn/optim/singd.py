@@ -984,16 +984,6 @@ def _same_block_structure(Ms: list[StructuredMatrix]) -> bool:
     return all(isinstance(M, BlockDiagonalMatrixTemplate) for M in Ms) and len({M.BLOCK_DIM for M in Ms}) == 1
 
 
-def _all_finite(Hs: list, scalars: list[Tensor]) -> Tensor:
-    """0-d bool on the device: statistics ``Hs`` and ``scalars`` (their traces) hold no
-    inf/NaN. One reduction per tensor, no host sync. A sum is finite iff no entry is
-    inf/NaN, barring overflow, which counts as non-finite too: an overflowing trace
-    (e.g. of ``S Sᵀ`` from huge activations) stops the update as well.
-    """
-    sums = [t.sum() for H in Hs for t in _tensors(H) if t.numel()]
-    return torch.isfinite(torch.stack([x.float() for x in sums + scalars])).all()
-
-
 def _validate_hyperparameters(
     *, lr, momentum, damping, alpha1, weight_decay, T, lr_cov, structures, kfac_approx,
     loss_average, supported_structures, init_grad_scale=1.0,
