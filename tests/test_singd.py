@@ -436,3 +436,22 @@ def test_loads_a_stock_singd_checkpoint(structure, stock_float64):
         ref = _train(m1, stock, data, 2)
         got = _train(m2, ours, data, 2)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_nan_off_the_diagonal_of_pending_statistics_leaves_the_preconditioner_intact():
+    """A NaN that the trace does not see (off the diagonal of a dense part) must still
+    stop the update of that layer, and only of that layer."""
+    from kfac_tn.optim.pending import SymmetricSum
+
+    model = _cnn()
+    opt = kfac_tn.SINGD(model, T=1)
+    X, y = _data((4, 3, 7, 7))
+    nn.functional.cross_entropy(model(X), y).backward()
+    poison = torch.zeros(28, 28)
+    poison[0, 1] = poison[1, 0] = float("nan")
+    opt.H_Ks["0"][0].add_(SymmetricSum(dense=poison))
+    K_before = {name: Ks[0].to_dense().clone() for name, Ks in opt.Ks.items()}
+    with pytest.warns(UserWarning, match="Non-finite curvature statistics in layer '0'"):
+        opt.step()
+    assert torch.equal(K_before["0"], opt.Ks["0"][0].to_dense())
+    assert not torch.equal(K_before["5"], opt.Ks["5"][0].to_dense())  # the other layers moved on
