@@ -37,7 +37,7 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     worker_groups,
 )
-from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite
+from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
 from kfac_tn.optim.validation import (
     check_layout,
     fraction,
@@ -408,13 +408,7 @@ class KFAC(torch.optim.Optimizer):
             if not params:
                 continue
             steps = [directions[id(p)] if id(p) in directions else p.grad.clone() for p in params]
-            buffers = None
-            if group["momentum"]:
-                buffers = []
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                    buffers.append(self.state[p]["momentum_buffer"])
+            buffers = momentum_buffers(self.state, params, group["momentum"])
             apply_updates_(params, steps, buffers, lr=group["lr"], momentum=group["momentum"],
                            weight_decay=group["weight_decay"], ok=ok)
         self._deferred.post(torch.stack([~scaler_ok, ~ok]), partial(_warn_skipped, step=self.steps))

@@ -31,6 +31,18 @@ def mask_steps_(steps: list[Tensor], ok: Tensor, flats: list[Tensor] = ()) -> li
     return [s if s.untyped_storage().data_ptr() in storages else torch.where(ok, s, 0.0) for s in steps]
 
 
+def momentum_buffers(state: dict, params: list[Tensor], momentum: float) -> list[Tensor] | None:
+    """The ``momentum_buffer`` of each parameter in an optimizer's ``state`` (zeros when
+    new: ``momentum · 0 + step`` is the first step, as torch.optim.SGD's clone); None
+    without momentum."""
+    if momentum == 0.0:
+        return None
+    for p in params:
+        if "momentum_buffer" not in state[p]:
+            state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return [state[p]["momentum_buffer"] for p in params]
+
+
 def gradients_finite(grads: list[Tensor]) -> Tensor:
     """0-d bool on the gradients' device: no inf/NaN in any of them.
 

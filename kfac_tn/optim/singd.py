@@ -72,7 +72,7 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     worker_groups,
 )
-from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite
+from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.riemannian_update import (
     StepScalars,
@@ -570,7 +570,7 @@ class SINGD(StockSINGD):
             if params:  # one foreach update for the whole group
                 if is_distributed():
                     all_reduce_flat(steps, dist.ReduceOp.AVG if group["loss_average"] else dist.ReduceOp.SUM)
-                apply_updates_([p.data for p in params], steps, self._momentum_buffers(params, group),
+                apply_updates_([p.data for p in params], steps, momentum_buffers(self.state, params, group["momentum"]),
                                workspaces=self._natural_gradient_workspace.in_use(), **hyper)
                 self._natural_gradient_workspace.reset()
         self._deferred.post(~ok, self._warn_skipped_step)
@@ -595,17 +595,6 @@ class SINGD(StockSINGD):
     def _gradient_scale(self) -> float:
         """The factor the gradients still carry (1 once GradScaler.unscale_ ran)."""
         return 1.0 if getattr(self, "_grads_unscaled", False) else self._get_grad_scale(self.steps)
-
-    def _momentum_buffers(self, params: list[nn.Parameter], group: dict) -> list[Tensor] | None:
-        if group["momentum"] == 0.0:
-            return None
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.data)
-            buffers.append(state["momentum_buffer"])
-        return buffers
 
     def _update_layers(self, ok: Tensor) -> None:
         """Update the due non-banked layers' pre-conditioners (spread over ranks if asked)."""
@@ -662,14 +651,8 @@ class SINGD(StockSINGD):
         finite = torch.isfinite(raw).all(1)
         update = finite & ok
         traces = raw[:, :4] / self._block_dims(blocks, raw)
-        alpha1, normalize, lr_cov = group["alpha1"], group["normalize_lr_cov"], group["lr_cov"]
-        prev_grad_scale = self._get_grad_scale(self.steps - 1)
-        table = step_scalars(
-            traces, update, grad_unscaling=prev_grad_scale / self._get_grad_scale(self.steps) ** 2,
-            damping=group["damping"], kfac_like=group["kfac_like"],
-            scale=0.5 * (1.0 - alpha1 if normalize else 1.0), alpha1=alpha1,
-            beta=lr_cov(self.steps) if callable(lr_cov) else lr_cov,
-        )
+        alpha1, normalize = group["alpha1"], group["normalize_lr_cov"]
+        table = step_scalars(traces, update, **self._update_scalars(group))
         skip = ~update
         tables: dict[torch.dtype, Tensor] = {table.dtype: table}
         for i, (name, b, K, C, H_K, H_C) in enumerate(blocks):
@@ -695,12 +678,20 @@ class SINGD(StockSINGD):
         block_names, step = [name for name, *_ in blocks], self.steps
 
         def report(values: list, block_names=block_names, step=step) -> None:
-            for name in dict.fromkeys(n for n, skipped in zip(block_names, values) if skipped):
-                warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
-                     "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
+            _warn_non_finite([n for n, skipped in zip(block_names, values) if skipped], step)
 
         # a step skipped for its gradients is reported once, by step()
         self._deferred.post(~finite & ok, report)
+
+    def _update_scalars(self, group: dict) -> dict[str, Any]:
+        """The Python scalars of singd 0.0.5's update rule at this step, for one param group."""
+        alpha1, lr_cov = group["alpha1"], group["lr_cov"]
+        return dict(
+            grad_unscaling=self._get_grad_scale(self.steps - 1) / self._get_grad_scale(self.steps) ** 2,
+            damping=group["damping"], kfac_like=group["kfac_like"], alpha1=alpha1,
+            scale=0.5 * (1.0 - alpha1 if group["normalize_lr_cov"] else 1.0),
+            beta=lr_cov(self.steps) if callable(lr_cov) else lr_cov,
+        )
 
     def _block_dims(self, blocks: list, like: Tensor) -> Tensor:
         """``[B, 4]`` of ``(d_K, d_C, d_K, d_C)`` per block, on the device (cached per block list)."""
@@ -741,22 +732,12 @@ class SINGD(StockSINGD):
                 present.append(name)
             self.H_Cs.pop(name, None)
         if present:
-            alpha1, normalize = group["alpha1"], group["normalize_lr_cov"]
-            lr_cov = group["lr_cov"]
-            prev_grad_scale = self._get_grad_scale(self.steps - 1)
-            skipped = bank.update_(
-                present=bank.segments.mask(frozenset(present)), ok=ok,
-                grad_unscaling=prev_grad_scale / self._get_grad_scale(self.steps) ** 2,
-                damping=group["damping"], alpha1=alpha1, scale=0.5 * (1.0 - alpha1 if normalize else 1.0),
-                beta=lr_cov(self.steps) if callable(lr_cov) else lr_cov, kfac_like=group["kfac_like"],
-                normalize=normalize,
-            )
+            skipped = bank.update_(present=bank.segments.mask(frozenset(present)), ok=ok,
+                                   normalize=group["normalize_lr_cov"], **self._update_scalars(group))
             segments, step = bank.segments, self.steps
 
             def report(flags: list, segments=segments, step=step) -> None:
-                for name in segments.flagged(flags):
-                    warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
-                         "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=2)
+                _warn_non_finite(segments.flagged(flags), step)
 
             self._deferred.post(skipped, report)
         bank.clear_statistics()
@@ -946,6 +927,13 @@ def _singd_computes_in(structure: type[StructuredMatrix], dtype: torch.dtype) ->
     except NotImplementedError:
         return False
     return True
+
+
+def _warn_non_finite(names: list[str], step: int) -> None:
+    """One warning per layer (named once) whose update was skipped for its statistics."""
+    for name in dict.fromkeys(names):
+        warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
+             "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=3)
 
 
 def _untraced_sums(H) -> list[Tensor]:
