@@ -307,3 +307,31 @@ def test_inverses_are_refreshed_exactly_every_inverse_update_freq_steps():
                                    A[b] + damping**0.5 * torch.eye(A.shape[-1], dtype=A.dtype))
             expected = torch.linalg.solve(curvature, V[b].flatten()).reshape(V[b].shape)
             torch.testing.assert_close(step[b], expected)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize(
+    "sizes, idiom",
+    [((7, 1), "sum/N"), ((2, 5, 1), "sum/N"), ((3, 3), "mean/k"), ((4, 2), "sum, summed loss")],
+)
+def test_gradient_accumulation_gives_the_whole_batch_factors(approx, sizes, idiom):
+    """Micro-batches of unequal sizes, accumulated with a loss that weights every sample
+    alike, give KFAC the factors of one pass over the whole batch (kfac_factors, with its
+    own hooks, as the oracle): A weighted by samples, G rescaled per pass."""
+    model = _model()
+    gen = torch.Generator().manual_seed(5)
+    N = sum(sizes)
+    X, y = torch.randn(N, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 5, (N,), generator=gen)
+    summed = idiom == "sum, summed loss"
+    opt = kfac_tn.KFAC(model, lr=0.0, momentum=0.0, ema_decay=0.0, kfac_approx=approx,
+                       loss_average=None if summed else "batch")
+    for Xb, yb in zip(X.split(list(sizes)), y.split(list(sizes))):
+        loss = nn.functional.cross_entropy(model(Xb), yb, reduction="sum" if idiom != "mean/k" else "mean")
+        loss = {"sum/N": loss / N, "mean/k": loss / len(sizes), "sum, summed loss": loss}[idiom]
+        loss.backward()
+    opt.step()
+    oracle = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(reduction="sum" if summed else "mean"), X, y,
+                                  approx=approx, fisher="empirical")
+    for name, (A, G) in oracle.items():
+        torch.testing.assert_close(opt.kfac_state[name]["A"], A)
+        torch.testing.assert_close(opt.kfac_state[name]["G"], G)

@@ -9,10 +9,9 @@ Tikhonov damping ``δ_A = π √λ``, ``δ_G = √λ / π`` (π = 1, or the π-c
 Martens & Grosse when ``pi_damping``), then weight decay, momentum and ``lr`` as in
 SGD. Parameters of the optimizer that belong to no supported layer get the SGD step.
 
-Several backward passes before one ``step`` (gradient accumulation) contribute the
-mean of their factors; each pass's loss should be the average over its own micro-batch.
-Several uses of a layer within one pass (weight sharing, a siamese network) count like
-positions of one call: their A averaged, their G summed, as curvlinops' KFAC does.
+Several backward passes before one ``step`` (gradient accumulation) give the factors of
+their micro-batches taken as one batch, and several uses of a layer within one pass
+(weight sharing) count like positions of one call: see :mod:`kfac_tn.optim.factor_sums`.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
 from kfac_tn.factors.layers import as_called
 from kfac_tn.optim.deferred import DeferredFlags
+from kfac_tn.optim.factor_sums import FactorSums
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
     assign_greedy,
@@ -70,22 +70,6 @@ def _damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         evals, evecs = evals.to(dtype), evecs.to(dtype)
     # contiguous: ranks that receive a broadcast copy must multiply with the same layout
     return evals.clamp_min_(0).contiguous(), evecs.contiguous()
-
-
-def _backward_pass_id() -> int | None:
-    """Id of the running backward pass (the autograd graph task), None if unknown."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current() if current is not None else None
-
-
-def _fold_pass(pending: dict[str, Any]) -> None:
-    """Add a finished backward pass to a layer's pending sums: its uses' A averaged, G summed."""
-    calls = pending.pop("calls", 0)
-    if calls:
-        pending["A"] = pending["A"] + pending.pop("A_pass") / calls
-        pending["G"] = pending["G"] + pending.pop("G_pass")
-        pending["count"] += 1
-    pending.pop("task", None)
 
 
 def _warn_skipped(flags: list[bool], step: int) -> None:
@@ -190,7 +174,7 @@ class KFAC(torch.optim.Optimizer):
         self._group_index = {name: group_of[m.weight] for name, m in self.layers.items()}
         self._layouts = {name: (m.weight.device, m.weight.dtype) for name, m in self.layers.items()}
         self.kfac_state: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
-        self._pending: dict[str, dict[str, Any]] = {}
+        self._pending: dict[str, FactorSums] = {}
         self._deferred = DeferredFlags()
         self._loss_scale: float | None = None
         self._warned: set[str] = set()
@@ -223,30 +207,18 @@ class KFAC(torch.optim.Optimizer):
         module = as_called(module, x, grad_output.shape)  # e.g. a ConvTranspose called with output_size=
         A = input_factor(module, x, self.kfac_approx, self.group_average)
         G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
-        pending = self._pending.setdefault(name, {"A": 0, "G": 0, "count": 0})
-        task = _backward_pass_id()
-        if pending.get("task") != task or task is None:  # a new backward pass
-            _fold_pass(pending)
-            pending.update(task=task, A_pass=0, G_pass=0, calls=0)
-        # uses of the layer within one backward pass are positions of one call (curvlinops):
-        # their A averaged, their G summed; backward passes are averaged (gradient accumulation)
-        pending["A_pass"] = pending["A_pass"] + A
-        pending["G_pass"] = pending["G_pass"] + G
-        pending["calls"] += 1
+        if name not in self._pending:
+            self._pending[name] = FactorSums(averaged_loss=self.loss_average is not None)
+        self._pending[name].add(A, G, x.shape[0])
 
     def _all_reduce_pending(self) -> None:
         """Average A (an average) and G (summed for a summed loss) over ranks, one bucket each."""
-        for pending in self._pending.values():
-            _fold_pass(pending)
         names = sorted(self._pending)
-        counts = {n: self._pending[n]["count"] for n in names}
-        for key, op in (("A", dist.ReduceOp.AVG), ("G", dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)):
-            tensors = [self._pending[n][key] / counts[n] for n in names]
-            all_reduce_flat(tensors, op)
-            for n, t in zip(names, tensors):
-                self._pending[n][key] = t
-        for n in names:
-            self._pending[n]["count"] = 1
+        factors = [self._pending[n].factors() for n in names]
+        for key, op in ((0, dist.ReduceOp.AVG), (1, dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)):
+            all_reduce_flat([f[key] for f in factors], op)
+        for n, (A, G) in zip(names, factors):
+            self._pending[n].replace(A, G)
 
     def _absorb_statistics(self, ok: Tensor) -> None:
         """Fold the pending factors into the running averages, on the device.
@@ -259,8 +231,7 @@ class KFAC(torch.optim.Optimizer):
         """
         names, flags = [], []
         for name, pending in self._pending.items():
-            _fold_pass(pending)
-            A, G = pending["A"] / pending["count"], pending["G"] / pending["count"]
+            A, G = pending.factors()
             finite = torch.isfinite(torch.stack([A.sum(), G.sum()])).all()
             use = finite & ok
             state = self.kfac_state[name]
@@ -442,16 +413,13 @@ class KFAC(torch.optim.Optimizer):
             if grads:
                 torch._foreach_mul_(grads, inv)
         for pending in self._pending.values():
-            _fold_pass(pending)
-            pending["G"] = pending["G"] * inv**2
+            pending.scale_G_(inv**2)
         return ok
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        for p in self._pending.values():
-            _fold_pass(p)
-        pending = {n: {"A": p["A"], "G": p["G"], "count": p["count"]} for n, p in self._pending.items()}
+        pending = {n: p.state() for n, p in self._pending.items()}
         state["kfac"] = {"steps": self.steps, "layers": {n: dict(s) for n, s in self.kfac_state.items()},
                          "pending": pending}  # a checkpoint between backward() and step() resumes exactly
         return state
@@ -481,7 +449,6 @@ class KFAC(torch.optim.Optimizer):
             if "A" in layer_state and "absorbed" not in layer_state:
                 layer_state["absorbed"] = torch.ones((), dtype=torch.bool, device=layer_state["A"].device)
         self._pending = {
-            name: {"A": p["A"].to(self.layers[name].weight.device), "G": p["G"].to(self.layers[name].weight.device),
-                   "count": p["count"]}
+            name: FactorSums.from_state(p, self.loss_average is not None, self.layers[name].weight.device)
             for name, p in kfac.get("pending", {}).items()
         }
