@@ -411,3 +411,27 @@ def test_states_move_between_a_compiled_and_the_plain_model(name):
     assert compiled.state_dict()["state"].keys() == plain.state_dict()["state"].keys()
     layers = compiled.Ks if name == "singd" else compiled.kfac_state
     assert set(layers) == {"0", "4"}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_compiled_model_trains_like_the_eager_one_without_recompiling(name):
+    """The hooks run eagerly under torch.compile (no guards on the optimizer's step counter
+    or on which layer fires): after the first step nothing is compiled again, and the
+    trajectory equals the eager model's."""
+    from torch._dynamo.utils import counters
+
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    eager = _conv_net()
+    ref = _trajectory(eager, OPTIMIZERS[name](eager), X, y, steps=5)
+    torch._dynamo.reset()
+    counters.clear()
+    model = _conv_net()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = OPTIMIZERS[name](compiled)
+    _step(compiled, opt, X, y)
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(4):
+        _step(compiled, opt, X, y)
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    got = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -72,7 +72,7 @@ class LayerCapture:
 
             output.register_hook(tensor_hook)
 
-        return hook
+        return torch.compiler.disable(hook)  # eager under torch.compile: no guards on optimizer state
 
     def remove(self) -> None:
         """Remove all hooks."""
