@@ -24,6 +24,8 @@
 | channels_last model and input | the same trajectory as contiguous |
 | a layer whose forward() never runs (MultiheadAttention.out_proj) | one warning naming the cause, then gradient/SGD steps |
 | `ConvTranspose2d(...)(x, output_size=...)` (U-Net decoder) | factors of the call made, not of the stored `output_padding` |
+| `torch.compile(model)` trained for several steps | no recompiles after the first step (hooks run eagerly); the eager trajectory |
+| a DDP-wrapped model, or one run through DDP after the optimizer was built | TypeError saying to train the plain model (the optimizer all-reduces itself) |
 | frozen weights, trainable biases (BitFit) | those layers are not preconditioned; their biases take SGD steps (= torch.optim.SGD) |
 """
 
@@ -435,3 +437,29 @@ def test_a_compiled_model_trains_like_the_eager_one_without_recompiling(name):
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
     got = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("built_on", ["plain model, wrapped later", "ddp.module"])
+def test_a_model_run_inside_distributed_data_parallel_is_a_clear_error(name, built_on, tmp_path):
+    """The wrapper itself is rejected at construction; an optimizer built before wrapping
+    or on ``ddp.module`` is stopped at the first forward through DDP, with the fix."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = _conv_net()
+        if built_on == "ddp.module":
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = OPTIMIZERS[name](ddp.module)
+        else:
+            opt = OPTIMIZERS[name](model)
+            ddp = nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(TypeError, match="DistributedDataParallel"):
+            OPTIMIZERS[name](ddp)
+        X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+        with pytest.raises(TypeError, match="Call the plain model instead"):
+            ddp(X)
+        _step(model, opt, X, y)  # the plain model still trains
+    finally:
+        dist.destroy_process_group()

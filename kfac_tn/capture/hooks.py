@@ -15,9 +15,19 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 Callback = Callable[[str, nn.Module, Tensor, Tensor], None]
+
+_DDP_MESSAGE = (
+    "Layer {name!r} ran inside a DistributedDataParallel wrapper (built before wrapping, or on "
+    "ddp.module). kfac_tn's optimizers all-reduce gradients and curvature statistics themselves, so "
+    "DDP's gradient all-reduce would be redundant (and, for a summed loss, scale the update by the "
+    "world size). Call the plain model instead: every process holds a replica, runs "
+    "model(x_shard), loss.backward() and opt.step(); the result equals one process on the "
+    "concatenated batch."
+)
 
 
 class LayerCapture:
@@ -54,6 +64,8 @@ class LayerCapture:
                 self.remove()
                 return
             self.seen.add(name)
+            if DistributedDataParallel._active_ddp_module is not None:
+                raise TypeError(_DDP_MESSAGE.format(name=name))
             if not (torch.is_grad_enabled() and module.training):
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:

@@ -49,14 +49,16 @@ def unwrap_compiled(model: Any) -> Any:
 
 
 def reject_wrappers(model: Any) -> None:
-    """TypeError for DataParallel/DistributedDataParallel: hooks need the plain model."""
+    """TypeError for DataParallel/DistributedDataParallel wrappers (the optimizers all-reduce
+    gradients and statistics themselves; a layer run inside DDP later is caught by the hooks)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     if isinstance(model, (DataParallel, DistributedDataParallel)):
         raise TypeError(
-            "DataParallel and DistributedDataParallel wrappers are not supported: pass the "
-            "unwrapped model (every process holds a replica; statistics and gradients are "
-            "all-reduced by the optimizer)."
+            f"{type(model).__name__} wrappers are not supported: kfac_tn's optimizers all-reduce "
+            "gradients and curvature statistics themselves. Build the optimizer on the plain model "
+            "and train it unwrapped: every process holds a replica, runs model(x_shard), "
+            "loss.backward() and opt.step(); the result equals one process on the concatenated batch."
         )
 
 
