@@ -80,3 +80,12 @@ def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
     X, y = _data()
     single = _train(model, _optimizer(name, model), X, y)
     torch.testing.assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
+    if name.startswith("kfac"):  # and both follow a literal KFAC on the whole batch
+        from reference_kfac import ReferenceKFAC
+
+        reference = _model()
+        oracle = ReferenceKFAC(reference, lr=0.05, damping=1e-2, inverse_update_freq=2)
+        for _ in range(STEPS):
+            oracle.step(X, y)
+        expected = torch.cat([p.detach().flatten() for p in reference.parameters()])
+        torch.testing.assert_close(ranks[0], expected, rtol=1e-4, atol=1e-5)

@@ -335,3 +335,40 @@ def test_gradient_accumulation_gives_the_whole_batch_factors(approx, sizes, idio
     for name, (A, G) in oracle.items():
         torch.testing.assert_close(opt.kfac_state[name]["A"], A)
         torch.testing.assert_close(opt.kfac_state[name]["G"], G)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_a_resumed_run_follows_the_reference_kfac(approx):
+    """Three steps, a checkpoint (torch.save, weights_only load) into a fresh model and
+    optimizer, two more steps: the same parameters as a literal KFAC (tests/reference_kfac.py)
+    over all five batches, with momentum, weight decay, running averages and factor and
+    inverse periods that are out of phase."""
+    import io
+
+    from reference_kfac import ReferenceKFAC
+
+    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, damping=1e-2, ema_decay=0.8,
+                  factor_update_freq=2, inverse_update_freq=3, kfac_approx=approx)
+    gen = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(6, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 5, (6,), generator=gen))
+               for _ in range(5)]
+    reference = _model()
+    oracle = ReferenceKFAC(reference, **kwargs)
+    for X, y in batches:
+        oracle.step(X, y)
+    model = _model()
+    opt = kfac_tn.KFAC(model, inverse_dtype=torch.float64, **kwargs)
+    for X, y in batches[:3]:
+        _train(model, opt, 1, (X, y))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _model()
+    resumed.load_state_dict(saved["model"])
+    opt = kfac_tn.KFAC(resumed, inverse_dtype=torch.float64, **kwargs)
+    opt.load_state_dict(saved["opt"])
+    for X, y in batches[3:]:
+        _train(resumed, opt, 1, (X, y))
+    for p, q in zip(resumed.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
