@@ -48,6 +48,32 @@ def test_resume_continues_exactly(tmp_path, optimizer):
     a = torch.load(tmp_path / "a" / "out" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "out" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if optimizer == "kfac_tn":  # an independent oracle: a literal KFAC over the same batches
+        expected = _reference_kfac_run(epochs=2, batch_size=16, lr=0.01, momentum=0.9)
+        for key, value in expected.items():
+            torch.testing.assert_close(b[key].double(), value, rtol=1e-3, atol=1e-4)
+
+
+def _reference_kfac_run(epochs, batch_size, lr, momentum):
+    """The parameters after ``train`` on ``_config``'s data with kfac_tn.KFAC's defaults,
+    by tests/reference_kfac.py in float64 (BatchNorm by SGD, as the experiments' fallback)."""
+    import random
+
+    from torch.utils.data import DataLoader, Subset
+
+    from experiments.models import build_model
+    from reference_kfac import ReferenceKFAC
+
+    torch.manual_seed(0)
+    random.seed(0)
+    train_set, _, classes = load_data("synthetic", None, 8, 10, 48, 16, 0)
+    model = build_model("small_cnn", num_classes=classes).double()
+    oracle = ReferenceKFAC(model, lr=lr, momentum=momentum)
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(epoch))
+        for X, y in DataLoader(Subset(train_set, order.tolist()), batch_size=batch_size):
+            oracle.step(X.double(), y)
+    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize(
