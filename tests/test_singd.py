@@ -261,17 +261,17 @@ def test_no_statistics_in_eval_mode_or_no_grad():
     model.eval()
     nn.functional.cross_entropy(model(X), y).backward()
     assert not opt.H_Ks
-    K_before = [K.to_dense().clone() for K in opt.Ks["0"]]
+    K_before = opt.Ks["0"].to_dense().clone()
     with pytest.warns(UserWarning, match="No curvature statistics"):
         opt.step()
-    assert all(torch.equal(a, K.to_dense()) for a, K in zip(K_before, opt.Ks["0"]))
+    assert torch.equal(K_before, opt.Ks["0"].to_dense())
 
 
 def _snapshot(model, opt):
     """Every tensor of the model and the optimizer's state, cloned."""
     tensors = [p.detach().clone() for p in model.parameters()]
     for store in (opt.Ks, opt.Cs, opt.m_Ks, opt.m_Cs):
-        tensors += [t.clone() for Ms in store.values() for M in Ms for _, t in M.named_tensors()]
+        tensors += [t.clone() for M in store.values() for _, t in M.named_tensors()]
     tensors += [s["momentum_buffer"].clone() for s in opt.state.values() if "momentum_buffer" in s]
     return tensors
 
@@ -311,15 +311,15 @@ def test_huge_finite_activations_never_reach_the_preconditioner(structure):
     X, y = torch.randn(4, 10), torch.randint(0, 3, (4,))  # 4 rows: dense K keeps thin factors S
     nn.functional.cross_entropy(model(X * 1e25), y).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    K_before = opt.Ks["0"][0].to_dense().clone()
+    K_before = opt.Ks["0"].to_dense().clone()
     with pytest.warns(UserWarning, match="Non-finite curvature statistics in layer '0'"):
         opt.step()
-    assert torch.equal(K_before, opt.Ks["0"][0].to_dense())
-    assert all(torch.isfinite(M.to_dense()).all() for Ms in (*opt.Ks.values(), *opt.Cs.values()) for M in Ms)
+    assert torch.equal(K_before, opt.Ks["0"].to_dense())
+    assert all(torch.isfinite(M.to_dense()).all() for M in (*opt.Ks.values(), *opt.Cs.values()))
     opt.zero_grad()
     nn.functional.cross_entropy(model(X), y).backward()
     opt.step()
-    assert not torch.equal(K_before, opt.Ks["0"][0].to_dense())
+    assert not torch.equal(K_before, opt.Ks["0"].to_dense())
 
 
 def _same_as_stock(run, kwargs):
@@ -382,9 +382,9 @@ def test_bfloat16_preconditioner_storage_trains():
     data = _data((6, 3, 7, 7))
     params = _train(model, opt, data, 4)
     assert torch.isfinite(params).all()
-    assert opt.Ks["0"][0].to_dense().dtype == torch.bfloat16
+    assert opt.Ks["0"].to_dense().dtype == torch.bfloat16
     nn.functional.cross_entropy(model(data[0]), data[1]).backward()  # statistics of step 4
-    H = opt.H_Ks["0"][0]
+    H = opt.H_Ks["0"]
     assert (H.dense if H.dense is not None else H.factors[0]).dtype == torch.float32
 
 
@@ -449,9 +449,74 @@ def test_nan_off_the_diagonal_of_pending_statistics_leaves_the_preconditioner_in
     nn.functional.cross_entropy(model(X), y).backward()
     poison = torch.zeros(28, 28)
     poison[0, 1] = poison[1, 0] = float("nan")
-    opt.H_Ks["0"][0].add_(SymmetricSum(dense=poison))
-    K_before = {name: Ks[0].to_dense().clone() for name, Ks in opt.Ks.items()}
+    opt.H_Ks["0"].add_(SymmetricSum(dense=poison))
+    K_before = {name: K.to_dense().clone() for name, K in opt.Ks.items()}
     with pytest.warns(UserWarning, match="Non-finite curvature statistics in layer '0'"):
         opt.step()
-    assert torch.equal(K_before["0"], opt.Ks["0"][0].to_dense())
-    assert not torch.equal(K_before["5"], opt.Ks["5"][0].to_dense())  # the other layers moved on
+    assert torch.equal(K_before["0"], opt.Ks["0"].to_dense())
+    assert not torch.equal(K_before["5"], opt.Ks["5"].to_dense())  # the other layers moved on
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal"])
+@pytest.mark.parametrize("pending", [False, True])
+def test_a_checkpoint_continues_in_stock_singd(structure, pending, stock_float64):
+    """Train with kfac_tn, save (weights_only load), convert with stock_state_dict and
+    continue with stock singd: the same parameters as kfac_tn continuing (float64), also
+    from a checkpoint taken between backward() and step() (pending statistics)."""
+    import io
+
+    from kfac_tn.optim.singd import stock_state_dict
+
+    dtype = torch.float64
+    data = tuple(t.to(dtype) if t.is_floating_point() else t for t in _data((6, 3, 7, 7)))
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, structures=(structure, structure), weight_decay=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m1 = _cnn().to(dtype)
+        ours = kfac_tn.SINGD(m1, **kwargs)
+        _train(m1, ours, data, 3)
+        if pending:
+            ours.zero_grad()
+            nn.functional.cross_entropy(m1(data[0]), data[1]).backward()
+        buffer = io.BytesIO()
+        torch.save(ours.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        m2 = _cnn().to(dtype)
+        m2.load_state_dict(m1.state_dict())
+        stock = StockSINGD(m2, **kwargs)
+        stock.load_state_dict(stock_state_dict(state))
+        if pending:
+            for p1, p2 in zip(m1.parameters(), m2.parameters()):
+                p2.grad = p1.grad.clone()
+            ours.step()
+            stock.step()
+        ref = _train(m1, ours, data, 2)
+        got = _train(m2, stock, data, 2)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_public_matrices_have_singd_types():
+    """As in singd, ``Ks[name]`` etc. are one StructuredMatrix per layer (singd's tutorial
+    reads ``opt.Ks[name].to_dense()``); a grouped convolution with per-group blocks has a
+    list; assigning singd's ``{name: matrix}`` works."""
+    from singd.structures.base import StructuredMatrix
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 3))
+    opt = kfac_tn.SINGD(model, T=1, structures=("dense", "diagonal"))
+    for store in (opt.Ks, opt.Cs, opt.m_Ks, opt.m_Cs):
+        assert isinstance(store["2"], StructuredMatrix)
+        assert isinstance(store["0"], list) and len(store["0"]) == 2
+    assert opt.Ks["2"].to_dense().shape == (5, 5)
+    nn.functional.cross_entropy(model(torch.randn(2, 4, 3, 3)), torch.tensor([0, 1])).backward()
+    assert set(opt.H_Ks) == {"0", "2"}
+    opt.step()
+    assert not opt.H_Ks
+    K = opt.Ks["2"]
+    opt.Ks = dict(opt.Ks)
+    assert opt.Ks["2"] is K and len(opt.Ks["0"]) == 2
+    from kfac_tn.optim.singd import stock_state_dict
+
+    with pytest.raises(ValueError, match="grouped_conv='average'"):
+        stock_state_dict(opt.state_dict())

@@ -72,6 +72,7 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     worker_groups,
 )
+from kfac_tn.optim.layer_matrices import LayerMatricesAttribute, as_blocks
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
 from kfac_tn.optim.pending import SymmetricSum
 from kfac_tn.optim.riemannian_update import (
@@ -133,6 +134,14 @@ class SINGD(StockSINGD):
     """
 
     SUPPORTED_MODULES = SUPPORTED_LAYERS
+    # singd's {layer name: matrix} (a list of blocks for a layer with several) over the
+    # per-layer block lists kept internally
+    Ks = LayerMatricesAttribute("_K_blocks")
+    Cs = LayerMatricesAttribute("_C_blocks")
+    m_Ks = LayerMatricesAttribute("_m_K_blocks")
+    m_Cs = LayerMatricesAttribute("_m_C_blocks")
+    H_Ks = LayerMatricesAttribute("_H_K_blocks")
+    H_Cs = LayerMatricesAttribute("_H_C_blocks")
 
     def __init__(
         self,
@@ -262,11 +271,11 @@ class SINGD(StockSINGD):
             K_cls = self.SUPPORTED_STRUCTURES[structures[0]]
             C_cls = self.SUPPORTED_STRUCTURES[structures[1]]
             blocks = range(G)
-            self.Ks[name] = [K_cls.eye(dim_K, dtype=dtype_K, device=dev) for _ in blocks]
-            self.Cs[name] = [C_cls.eye(dim_C, dtype=dtype_C, device=dev) for _ in blocks]
+            self._K_blocks[name] = [K_cls.eye(dim_K, dtype=dtype_K, device=dev) for _ in blocks]
+            self._C_blocks[name] = [C_cls.eye(dim_C, dtype=dtype_C, device=dev) for _ in blocks]
             if self._get_param_group_entry(module, "alpha1") != 0.0:
-                self.m_Ks[name] = [K_cls.zeros(dim_K, dtype=dtype_K, device=dev) for _ in blocks]
-                self.m_Cs[name] = [C_cls.zeros(dim_C, dtype=dtype_C, device=dev) for _ in blocks]
+                self._m_K_blocks[name] = [K_cls.zeros(dim_K, dtype=dtype_K, device=dev) for _ in blocks]
+                self._m_C_blocks[name] = [C_cls.zeros(dim_C, dtype=dtype_C, device=dev) for _ in blocks]
             self._cache[name] = {"KKT": [None for _ in blocks], "CCT": [None for _ in blocks]}
         for (kind, group_idx, dtype, dev), layers in banked.items():
             momenta = self.param_groups[group_idx]["alpha1"] != 0.0
@@ -280,7 +289,7 @@ class SINGD(StockSINGD):
             self._bind_bank_views(bank)
         # singd's order of layers in its state (the banks were filled last)
         order = list(self.module_names.values())
-        for store in (self.Ks, self.Cs, self.m_Ks, self.m_Cs):
+        for store in (self._K_blocks, self._C_blocks, self._m_K_blocks, self._m_C_blocks):
             items = dict(store)
             store.clear()
             store.update({name: items[name] for name in order if name in items})
@@ -301,9 +310,9 @@ class SINGD(StockSINGD):
     def _bind_bank_views(self, bank: DiagonalBank | BlockBank) -> None:
         """``Ks, Cs, m_Ks, m_Cs`` of the bank's layers: singd matrices viewing its buffers."""
         for name in bank.layout:
-            self.Ks[name], self.Cs[name] = bank.matrices(bank.values, name)
+            self._K_blocks[name], self._C_blocks[name] = bank.matrices(bank.values, name)
             if bank.momenta is not None:
-                self.m_Ks[name], self.m_Cs[name] = bank.matrices(bank.momenta, name)
+                self._m_K_blocks[name], self._m_C_blocks[name] = bank.matrices(bank.momenta, name)
 
     def preconditioner_dims(self, module: nn.Module) -> tuple[int, int]:  # type: ignore[override]
         """``(dim_K, dim_C)`` of each of the layer's blocks."""
@@ -384,13 +393,13 @@ class SINGD(StockSINGD):
                                                          workspace=self._stats_workspace)
                 for group, (b, r) in enumerate(zip(blocks, last)):
                     bank.add_statistics(name, 1, group, b, r, 1.0 / prev_grad_scale)
-            if name not in self.H_Ks:
-                self.H_Ks[name], self.H_Cs[name] = bank.matrices(bank.stats, name)
+            if name not in self._H_K_blocks:
+                self._H_K_blocks[name], self._H_C_blocks[name] = bank.matrices(bank.stats, name)
             return
         if prev_grad_scale != 1.0:
             g = g / sqrt(prev_grad_scale)
-        Ks = [_cast(K, stat_K) for K in self.Ks[name]]
-        Cs = [_cast(C, stat_C) for C in self.Cs[name]]
+        Ks = [_cast(K, stat_K) for K in self._K_blocks[name]]
+        Cs = [_cast(C, stat_C) for C in self._C_blocks[name]]
         H_K = self._H_K(layer, a, Ks, kfac_approx)
         H_C = self._H_C(layer, g, Cs, kfac_approx, loss_average)
         if is_distributed():
@@ -405,13 +414,13 @@ class SINGD(StockSINGD):
         self._add_statistics(name, H_K, H_C)
 
     def _add_statistics(self, name: str, H_K: list, H_C: list) -> None:
-        if name in self.H_Ks:
-            for acc, new in zip(self.H_Ks[name], H_K):
+        if name in self._H_K_blocks:
+            for acc, new in zip(self._H_K_blocks[name], H_K):
                 acc.add_(new)
-            for acc, new in zip(self.H_Cs[name], H_C):
+            for acc, new in zip(self._H_C_blocks[name], H_C):
                 acc.add_(new)
         else:
-            self.H_Ks[name], self.H_Cs[name] = H_K, H_C
+            self._H_K_blocks[name], self._H_C_blocks[name] = H_K, H_C
 
     # ---------------------------------------------------------------- update
     def _invalidate(self, name: str) -> None:
@@ -472,7 +481,7 @@ class SINGD(StockSINGD):
         for b, grad in enumerate(grads):
             if grad_scale != 1.0:
                 grad = grad / grad_scale
-            K, C = self.Ks[name][b], self.Cs[name][b]
+            K, C = self._K_blocks[name][b], self._C_blocks[name][b]
             KKT = self._projector(name, "KKT", b, K, T, dim_K, dim_C)
             CCT = self._projector(name, "CCT", b, C, T, dim_C, dim_K)
             g = grad.to(dtype_K) if dtype_K is not None else grad
@@ -610,8 +619,8 @@ class SINGD(StockSINGD):
                 if owners[name] == mine:
                     mine_modules.append(module)
                 else:  # another group updates it; drop the local copy of the statistics
-                    self.H_Ks.pop(name, None)
-                    self.H_Cs.pop(name, None)
+                    self._H_K_blocks.pop(name, None)
+                    self._H_C_blocks.pop(name, None)
             self._update_preconditioners(mine_modules, ok)
             self._broadcast_preconditioners([self.module_names[m] for m in modules], owners, groups)
         else:
@@ -629,12 +638,12 @@ class SINGD(StockSINGD):
         by_group: dict[int, list] = {}
         for module in modules:
             name = self.module_names[module]
-            H_Ks, H_Cs = self.H_Ks.pop(name, None), self.H_Cs.pop(name, None)
+            H_Ks, H_Cs = self._H_K_blocks.pop(name, None), self._H_C_blocks.pop(name, None)
             if H_Ks is None or H_Cs is None:
                 self._warn_no_statistics(name)
                 continue
             group_idx = self.param_to_group_idx[module.weight.data_ptr()]
-            for b, (K, C, H_K, H_C) in enumerate(zip(self.Ks[name], self.Cs[name], H_Ks, H_Cs)):
+            for b, (K, C, H_K, H_C) in enumerate(zip(self._K_blocks[name], self._C_blocks[name], H_Ks, H_Cs)):
                 by_group.setdefault(group_idx, []).append((name, b, K, C, H_K, H_C))
         for group_idx, blocks in by_group.items():
             self._update_blocks(self.param_groups[group_idx], blocks, ok)
@@ -659,8 +668,8 @@ class SINGD(StockSINGD):
             for H in (H_K, H_C):  # a skipped update must not meet inf/NaN (0·inf is NaN)
                 for t in _tensors(H):
                     t.masked_fill_(skip[i], 0.0)
-            m_Ks, m_Cs = self.m_Ks.get(name), self.m_Cs.get(name)
-            for side, (M, H, momenta, store) in enumerate(((K, H_K, m_Ks, self.m_Ks), (C, H_C, m_Cs, self.m_Cs))):
+            m_Ks, m_Cs = self._m_K_blocks.get(name), self._m_C_blocks.get(name)
+            for side, (M, H, momenta, store) in enumerate(((K, H_K, m_Ks, self._m_K_blocks), (C, H_C, m_Cs, self._m_C_blocks))):
                 dtype = _dtype(M)
                 if dtype not in tables:
                     tables[dtype] = table.to(dtype)
@@ -726,11 +735,11 @@ class SINGD(StockSINGD):
             return
         present = []
         for name in bank.layout:
-            if self.H_Ks.pop(name, None) is None:
+            if self._H_K_blocks.pop(name, None) is None:
                 self._warn_no_statistics(name)
             else:
                 present.append(name)
-            self.H_Cs.pop(name, None)
+            self._H_C_blocks.pop(name, None)
         if present:
             skipped = bank.update_(present=bank.segments.mask(frozenset(present)), ok=ok,
                                    normalize=group["normalize_lr_cov"], **self._update_scalars(group))
@@ -785,7 +794,7 @@ class SINGD(StockSINGD):
                 if owners[name] != index:
                     continue
                 self._invalidate(name)
-                for store in (self.Ks, self.Cs, self.m_Ks, self.m_Cs):
+                for store in (self._K_blocks, self._C_blocks, self._m_K_blocks, self._m_C_blocks):
                     for matrix in store.get(name, []):
                         tensors.extend(t for _, t in matrix.named_tensors())
             if tensors:
@@ -794,40 +803,41 @@ class SINGD(StockSINGD):
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """singd's state with every matrix as plain tensors (``{"type", "tensors"}``), so
-        that ``torch.load``'s default ``weights_only=True`` reads a saved checkpoint."""
+        that ``torch.load``'s default ``weights_only=True`` reads a saved checkpoint. Like
+        singd's, one entry per layer; a layer with several blocks has a list of them.
+        :func:`stock_state_dict` turns it into stock singd's format."""
         self._finish_reductions()
-        state = super().state_dict()
-        for key in MATRIX_STATE:
-            state[key] = {name: [_matrix_state(M) for M in Ms] for name, Ms in state[key].items()}
+        state = torch.optim.Optimizer.state_dict(self)
+        state["steps"], state["_grad_scales"] = self.steps, self._grad_scales
+        for key, private in MATRIX_STATE.items():
+            state[key] = {name: _layer_state(Ms) for name, Ms in getattr(self, private).items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict`, or stock singd's (its matrix objects, one
         per layer); a state of another model is an error."""
         state_dict = dict(state_dict)
-        for key in MATRIX_STATE:
-            if isinstance(state_dict.get(key), dict):  # stock singd: one matrix per layer, not a list
-                state_dict[key] = {
-                    name: [_matrix_from_state(e, self.SUPPORTED_STRUCTURES) for e in (Ms if isinstance(Ms, list) else [Ms])]
-                    for name, Ms in state_dict[key].items()
-                }
         for key in ("Ks", "Cs"):
-            theirs = state_dict.get(key)
-            if theirs is None:
+            if not isinstance(state_dict.get(key), dict):
                 raise ValueError(f"State dict has no {key!r}: not a kfac_tn.SINGD state.")
-            if set(theirs) != set(self.Ks):
+        for key in MATRIX_STATE:
+            state_dict[key] = {
+                name: [_matrix_from_state(e, self.SUPPORTED_STRUCTURES) for e in as_blocks(entry)]
+                for name, entry in state_dict.get(key, {}).items()
+            }
+        for key in ("Ks", "Cs"):
+            theirs, mine = state_dict[key], getattr(self, MATRIX_STATE[key])
+            if set(theirs) != set(mine):
                 raise ValueError(
-                    f"State dict is for other layers: it has {sorted(theirs)}, this optimizer "
-                    f"{sorted(self.Ks)}."
+                    f"State dict is for other layers: it has {sorted(theirs)}, this optimizer {sorted(mine)}."
                 )
             for name, blocks in theirs.items():
-                mine = getattr(self, key)[name]
-                if len(blocks) != len(mine) or any(
+                if len(blocks) != len(mine[name]) or any(
                     a.to_dense().shape != b.to_dense().shape or type(a) is not type(b)
-                    for a, b in zip(blocks, mine)
+                    for a, b in zip(blocks, mine[name])
                 ):
                     raise ValueError(f"State dict {key}[{name!r}] does not match layer {name!r}'s shape or structure.")
-        super().load_state_dict(dict(state_dict))
+        super().load_state_dict(state_dict)
         for name in self._cache:
             self._invalidate(name)
         for _, bank in self._banks:
@@ -835,8 +845,8 @@ class SINGD(StockSINGD):
 
     def _load_bank(self, bank: DiagonalBank | BlockBank) -> None:
         """Copy the loaded K, C, momenta and pending statistics of a bank's layers into its
-        buffers and point ``Ks, Cs, m_Ks, m_Cs, H_Ks, H_Cs`` back at them."""
-        loaded = {key: dict(getattr(self, key)) for key in ("Ks", "Cs", "m_Ks", "m_Cs", "H_Ks", "H_Cs")}
+        buffers and point the layers' block lists back at them."""
+        loaded = {key: dict(getattr(self, private)) for key, private in MATRIX_STATE.items()}
         targets = (("Ks", "Cs", bank.values), ("m_Ks", "m_Cs", bank.momenta), ("H_Ks", "H_Cs", bank.stats))
         bank.clear_statistics()
         for name in bank.layout:
@@ -848,9 +858,40 @@ class SINGD(StockSINGD):
                     for (_, target), (_, source) in zip(view.named_tensors(), matrix.named_tensors()):
                         target.copy_(source)
                 if key_K == "H_Ks":
-                    self.H_Ks[name], self.H_Cs[name] = views_K, views_C
+                    self._H_K_blocks[name], self._H_C_blocks[name] = views_K, views_C
         bank.loaded_()
         self._bind_bank_views(bank)
+
+
+def stock_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """A :meth:`SINGD.state_dict` in stock singd 0.0.5's format (its matrix objects), for
+    ``singd.optim.optimizer.SINGD.load_state_dict`` on the same model and arguments.
+
+    Pending dense statistics kept as thin factors become ``DenseMatrix``. Layers with
+    several blocks (grouped convolutions with ``grouped_conv="exact"``) have no stock
+    equivalent: a ValueError names them.
+    """
+    from singd.optim.optimizer import SINGD as Stock
+
+    out = dict(state)
+    for key in MATRIX_STATE:
+        layers = {}
+        for name, entry in state.get(key, {}).items():
+            blocks = as_blocks(entry)
+            if len(blocks) != 1:
+                raise ValueError(f"Layer {name!r} has {len(blocks)} blocks in {key} (a grouped convolution with "
+                                 "grouped_conv='exact'); stock singd keeps one matrix per layer. Build both "
+                                 "optimizers with grouped_conv='average' to move states between them.")
+            M = _matrix_from_state(blocks[0], Stock.SUPPORTED_STRUCTURES)
+            layers[name] = DenseMatrix(M.to_dense()) if isinstance(M, SymmetricSum) else M
+        out[key] = layers
+    return out
+
+
+def _layer_state(blocks: list) -> Any:
+    """A layer's matrices as plain data: one entry for one block (singd's layout), else a list."""
+    entries = [_matrix_state(M) for M in blocks]
+    return entries[0] if len(entries) == 1 else entries
 
 
 def _inner_with(M: StructuredMatrix, X: Tensor):
@@ -883,8 +924,9 @@ def _tensors(H) -> list[Tensor]:
     return [t for _, t in H.named_tensors()]
 
 
-#: the optimizer's state attributes that hold matrices (lists per layer)
-MATRIX_STATE = ("Ks", "Cs", "m_Ks", "m_Cs", "H_Ks", "H_Cs")
+#: singd's state attributes that hold matrices → the private per-layer block lists
+MATRIX_STATE = {"Ks": "_K_blocks", "Cs": "_C_blocks", "m_Ks": "_m_K_blocks", "m_Cs": "_m_C_blocks",
+                "H_Ks": "_H_K_blocks", "H_Cs": "_H_C_blocks"}
 
 
 def _matrix_state(M: StructuredMatrix | SymmetricSum) -> dict[str, Any]:
