@@ -337,6 +337,9 @@ class KFAC(torch.optim.Optimizer):
         return out
 
     # ------------------------------------------------------------------ step
+    # under torch.compile(opt.step) the step runs eagerly (it is fused already; dynamo
+    # lost the reset of the pending factors across its graph breaks: wrong factors)
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Precondition the gradients and update the parameters (skipped on inf/NaN)."""

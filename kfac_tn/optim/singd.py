@@ -513,6 +513,7 @@ class SINGD(StockSINGD):
             finish()
             self._add_statistics(name, H_K, H_C)
 
+    @torch.compiler.disable  # under torch.compile(opt.step): eager, already fused; no recompiles
     def step(self, closure: Callable[[], Tensor] | None = None) -> None:
         """Precondition the gradients and update the parameters.
 
