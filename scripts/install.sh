@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
-# Install kfac_tn with its test extras, keeping torch at the machine's 2.13.0 CPU build
-# (anything newer, also pulled in by torchvision via backpack, is a multi-GB CUDA wheel).
+# Install kfac_tn (editable) with its test and experiment extras: CI and CPU-only machines.
+#
+# torch: an importable torch (>= 2.2, any build: CPU, CUDA, ROCm) is kept as it is. Without
+# one, the CPU-only build is installed from PyTorch's CPU index (TORCH_SPEC, default
+# torch==2.13.0; TORCH_INDEX_URL to use another index, e.g. a CUDA one). Every later install
+# is constrained to the torch present, so no dependency (backpack pulls torchvision) can
+# replace it with a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -c constraints.txt -e ".[test,experiments]"
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}" \
+    --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+fi
+pinned=$(mktemp)
+trap 'rm -f "$pinned"' EXIT
+python -c "import torch; print('torch==' + torch.__version__)" > "$pinned"
+echo "kfac_tn: installing against $(cat "$pinned")"
+python -m pip install --quiet -c "$pinned" -e ".[test,experiments]"

@@ -26,6 +26,7 @@
 | `ConvTranspose2d(...)(x, output_size=...)` (U-Net decoder) | factors of the call made, not of the stored `output_padding` |
 | `torch.compile(model)`, `torch.compile(opt.step)`, trained for several steps | no recompiles after the first step (hooks and step run eagerly); the eager trajectory |
 | a DDP-wrapped model, or one run through DDP after the optimizer was built | TypeError saying to train the plain model (the optimizer all-reduces itself) |
+| `SINGD(model.parameters())` (the parameters, not the model) | TypeError: pass the model |
 | frozen weights, trainable biases (BitFit) | those layers are not preconditioned; their biases take SGD steps (= torch.optim.SGD) |
 """
 
@@ -477,3 +478,9 @@ def test_a_model_run_inside_distributed_data_parallel_is_a_clear_error(name, bui
         _step(model, opt, X, y)  # the plain model still trains
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_passing_the_parameters_instead_of_the_model_is_a_clear_error(name):
+    with pytest.raises(TypeError, match="must be the model"):
+        OPTIMIZERS[name](_conv_net().parameters())

@@ -40,6 +40,7 @@ from kfac_tn.optim.distributed import (
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
 from kfac_tn.optim.validation import (
     check_layout,
+    check_model,
     fraction,
     in_unit_interval,
     non_negative,
@@ -130,6 +131,7 @@ class KFAC(torch.optim.Optimizer):
         warn_unsupported: bool = True,
         update_worker_fraction: float = 1.0,
     ) -> None:
+        check_model(model)
         model = unwrap_compiled(model)
         reject_wrappers(model)
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("damping", damping)):

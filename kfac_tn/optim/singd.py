@@ -93,6 +93,7 @@ from kfac_tn.optim.structured_products import (
 )
 from kfac_tn.optim.validation import (
     check_layout,
+    check_model,
     fraction,
     in_unit_interval,
     non_negative,
@@ -166,6 +167,7 @@ class SINGD(StockSINGD):
         natural_gradient_cache: str = "memory",
         update_worker_fraction: float = 1.0,
     ):
+        check_model(model)
         model = unwrap_compiled(model)
         reject_wrappers(model)
         _validate_hyperparameters(

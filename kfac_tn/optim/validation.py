@@ -41,6 +41,16 @@ def one_of(name: str, value: Any, options: Iterable[Any]) -> None:
         raise ValueError(f"{name} must be one of {options}, got {value!r}.")
 
 
+def check_model(model: Any) -> None:
+    """TypeError unless ``model`` is an ``nn.Module`` (a common slip: its parameters)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"The first argument must be the model (an nn.Module), got {type(model).__name__}: pass "
+            "the model itself, e.g. SINGD(model) or KFAC(model, params=model.parameters()); the "
+            "optimizer needs its layers to place hooks."
+        )
+
+
 def unwrap_compiled(model: Any) -> Any:
     """The module a ``torch.compile`` wrapper runs (its layers' names lose ``_orig_mod.``,
     so states load into the uncompiled model and back); other models unchanged."""
