@@ -85,7 +85,28 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18": ResNet18, "vgg19": VGG19, "small_cnn": SmallCNN}
+class MixedCNN(nn.Module):
+    """Every layer kind in one small network: BatchNorm, a depthwise 3×3 and a pointwise
+    stride-2 convolution, an up-sampling ConvTranspose2d, a Conv1d over the flattened
+    positions and a Linear head (inputs ``[B, C, 16, 16]``)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 1, stride=2), nn.ReLU())
+        self.up = nn.Sequential(nn.ConvTranspose2d(32, 16, 2, stride=2), nn.ReLU())
+        self.sequence = nn.Sequential(nn.Conv1d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(16))
+        self.head = nn.Linear(256, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.up(self.down(self.stem(x)))
+        return self.head(self.sequence(x.flatten(2)).flatten(1))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": ResNet18, "vgg19": VGG19, "small_cnn": SmallCNN, "mixed_cnn": MixedCNN,
+}
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:

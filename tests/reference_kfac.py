@@ -3,8 +3,9 @@
 Factors come from :func:`kfac_tn.kfac_factors` (its own hooks, curvlinops' conventions,
 tested against curvlinops), everything else is restated here from the documented rule:
 running averages, damped Kronecker solves per block by ``torch.linalg.solve``, the
-layout of a layer's gradient as blocks (README conventions), SGD's weight decay and
-momentum. Parameters of unsupported layers take SGD steps.
+layout of a layer's gradient as blocks (README conventions), KL clipping (kfac-pytorch's
+``kl_clip``), SGD's weight decay and momentum. Parameters of unsupported layers take SGD
+steps.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ class ReferenceKFAC:
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  damping: float = 1e-3, ema_decay: float = 0.95, factor_update_freq: int = 1,
-                 inverse_update_freq: int = 10, kfac_approx: str = "expand") -> None:
+                 inverse_update_freq: int = 10, kfac_approx: str = "expand", kl_clip: float | None = 1e-3) -> None:
         self.model, self.lr, self.momentum, self.weight_decay = model, lr, momentum, weight_decay
         self.damping, self.ema_decay, self.approx = damping, ema_decay, kfac_approx
         self.factor_update_freq, self.inverse_update_freq = factor_update_freq, inverse_update_freq
+        self.kl_clip = kl_clip
         self.averages: dict[str, tuple[Tensor, Tensor]] = {}
         self.frozen: dict[str, tuple[Tensor, Tensor]] = {}  # damped factors of the last inversion
         self.buffers: dict[int, Tensor] = {}
@@ -85,6 +87,11 @@ class ReferenceKFAC:
             directions[id(layer.weight)] = weight
             if bias is not None:
                 directions[id(layer.bias)] = bias
+        if self.kl_clip is not None and directions:  # predicted KL change lr² Σ ⟨d, g⟩ at most κ
+            grads = {id(p): p.grad for p in model.parameters()}
+            kl = sum(self.lr**2 * (d * grads[i]).sum() for i, d in directions.items())
+            nu = min(1.0, (self.kl_clip / abs(kl.item())) ** 0.5)
+            directions = {i: nu * d for i, d in directions.items()}
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is None:

@@ -484,3 +484,18 @@ def test_a_model_run_inside_distributed_data_parallel_is_a_clear_error(name, bui
 def test_passing_the_parameters_instead_of_the_model_is_a_clear_error(name):
     with pytest.raises(TypeError, match="must be the model"):
         OPTIMIZERS[name](_conv_net().parameters())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_warnings_point_at_the_users_line(name):
+    """A skipped step's warning is raised from deferred device flags deep inside the
+    optimizer; it must be attributed to the caller's ``opt.step()``, not to internals."""
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    X[0, 0, 0, 0] = float("inf")
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    with pytest.warns(UserWarning) as record:
+        opt.step()
+    assert {w.filename for w in record} == {__file__}

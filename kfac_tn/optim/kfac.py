@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
-from warnings import warn
 
 import torch
 import torch.distributed as dist
@@ -38,6 +37,7 @@ from kfac_tn.optim.distributed import (
     worker_groups,
 )
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
+from kfac_tn.optim.user_warnings import warn_user
 from kfac_tn.optim.validation import (
     check_layout,
     check_model,
@@ -76,9 +76,12 @@ def _damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 def _warn_skipped(flags: list[bool], step: int) -> None:
     """Warning for a skipped step, from its device flags ``[scaler found inf, skipped]``."""
     if flags[0]:
-        warn(f"GradScaler found inf/NaN at step {step}; skipping the step (state unchanged).", stacklevel=2)
+        warn_user(f"GradScaler found inf/NaN at step {step}: the step was skipped (parameters and optimizer "
+                  "state as before it). Occasional skips are how a GradScaler finds its scale.")
     elif flags[1]:
-        warn(f"Non-finite gradients at step {step}; skipping the step (state unchanged).", stacklevel=2)
+        warn_user(f"Non-finite gradients at step {step}: the step was skipped (parameters and optimizer state "
+                  "as before it). If this repeats, training has diverged: lower lr, raise damping or "
+                  "lower kl_clip.")
 
 
 class KFAC(torch.optim.Optimizer):
@@ -109,6 +112,11 @@ class KFAC(torch.optim.Optimizer):
             each layer's factors (KAISA's knob): 1.0 everywhere (default), else groups of
             ``round(fraction·world)`` ranks get layers by a greedy cost model (d_A³ + d_G³)
             and their leaders broadcast the inverses.
+        kl_clip: bound κ on the step's predicted KL change (kfac-pytorch's ``kl_clip``):
+            the preconditioned directions ``d`` are scaled by
+            ``ν = min(1, sqrt(κ / Σ lr² ⟨d, g⟩))`` before weight decay and momentum, which
+            keeps early steps, taken with poorly estimated factors, from blowing up.
+            ``None`` switches it off. Typical: 1e-3 (default) to 1e-2.
     """
 
     def __init__(
@@ -130,6 +138,7 @@ class KFAC(torch.optim.Optimizer):
         grouped_conv: str = "exact",
         warn_unsupported: bool = True,
         update_worker_fraction: float = 1.0,
+        kl_clip: float | None = 1e-3,
     ) -> None:
         check_model(model)
         model = unwrap_compiled(model)
@@ -146,6 +155,11 @@ class KFAC(torch.optim.Optimizer):
         one_of("grouped_conv", grouped_conv, ("exact", "average"))
         fraction("update_worker_fraction", update_worker_fraction)
         self.update_worker_fraction = float(update_worker_fraction)
+        if kl_clip is not None:
+            non_negative("kl_clip", kl_clip)
+            if kl_clip == 0:
+                raise ValueError("kl_clip must be positive (or None to switch clipping off), got 0.")
+        self.kl_clip = kl_clip
         layers = {name: m for name, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
         if params is None:
             params = [p for m in layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
@@ -153,7 +167,7 @@ class KFAC(torch.optim.Optimizer):
                 for name, m in model.named_modules():
                     own = [p for p in m.parameters(recurse=False) if p.requires_grad]
                     if own and not isinstance(m, SUPPORTED_LAYERS):
-                        warn(f"Layer {name!r} ({type(m).__name__}) is not supported: its parameters are not trained.", stacklevel=2)
+                        warn_user(f"Layer {name!r} ({type(m).__name__}) is not supported: its parameters are not trained.")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -257,8 +271,7 @@ class KFAC(torch.optim.Optimizer):
             def report(values: list, names=names, step=step) -> None:
                 for name, skipped in zip(names, values):
                     if skipped:
-                        warn(f"Non-finite KFAC factors in layer {name!r} at step {step}; they are not used.",
-                             stacklevel=2)
+                        warn_user(f"Non-finite KFAC factors in layer {name!r} at step {step}; they are not used.")
 
             self._deferred.post(torch.stack(flags), report)
 
@@ -368,9 +381,9 @@ class KFAC(torch.optim.Optimizer):
             state = self.kfac_state[name]
             if module.weight.grad is not None and name not in self._capture.seen and name not in self._warned:
                 self._warned.add(name)
-                warn(f"Layer {name!r} has never run its forward() (it is used through a functional call, "
-                     "e.g. MultiheadAttention.out_proj), so it gets no KFAC factors and takes SGD steps. "
-                     "This warning is shown once.", stacklevel=2)
+                warn_user(f"Layer {name!r} has never run its forward() (it is used through a functional call, "
+                          "e.g. MultiheadAttention.out_proj), so it gets no KFAC factors and takes SGD steps. "
+                          "This warning is shown once.")
             if "A" not in state or module.weight.grad is None:
                 continue
             has_bias = module.bias is not None
@@ -379,6 +392,8 @@ class KFAC(torch.optim.Optimizer):
             for p, d in zip((module.weight, module.bias), nats):
                 if p is not None and p.grad is not None:  # SGD's direction until factors entered
                     directions[id(p)] = torch.where(state["absorbed"], d, p.grad)
+        if self.kl_clip is not None and directions:
+            self._clip_kl_(directions)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -390,6 +405,20 @@ class KFAC(torch.optim.Optimizer):
         self._deferred.post(torch.stack([~scaler_ok, ~ok]), partial(_warn_skipped, step=self.steps))
         self.steps += 1
         return loss
+
+    def _clip_kl_(self, directions: dict[int, Tensor]) -> None:
+        """Scale the preconditioned directions in place by ``ν = min(1, sqrt(κ / |Σ lr² ⟨d, g⟩|))``.
+
+        ``lr² ⟨d, g⟩`` is the step's squared Fisher norm ``‖lr·d‖²_F`` under the damped
+        Kronecker curvature, i.e. its predicted KL change. ν stays on the device (no sync).
+        """
+        lr_of = {id(p): (p, group["lr"]) for group in self.param_groups for p in group["params"]}
+        mine = [(d, *lr_of[i]) for i, d in directions.items() if i in lr_of]  # params of the optimizer
+        if not mine:
+            return
+        inner = torch.stack([torch.vdot(d.flatten(), p.grad.flatten().to(d.dtype)) * lr**2 for d, p, lr in mine]).sum()
+        nu = (self.kl_clip / inner.abs()).sqrt().clamp(max=1.0)
+        torch._foreach_mul_([d for d, _, _ in mine], nu)
 
     def _unscale(self, grads: list[Tensor]) -> Tensor:
         """Undo a GradScaler's loss scale on gradients (1/s) and pending G (1/s²).

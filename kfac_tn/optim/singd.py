@@ -35,7 +35,6 @@ import sys
 from collections.abc import Callable, Iterable
 from math import sqrt
 from typing import Any
-from warnings import warn
 
 import torch
 import torch.distributed as dist
@@ -91,6 +90,7 @@ from kfac_tn.optim.structured_products import (
     sandwich,
     stock_projector,
 )
+from kfac_tn.optim.user_warnings import warn_user
 from kfac_tn.optim.validation import (
     check_layout,
     check_model,
@@ -594,15 +594,15 @@ class SINGD(StockSINGD):
         if name not in self._capture.seen:
             if name not in self._warned_never_called:
                 self._warned_never_called.add(name)
-                warn(f"Layer {name!r} has never run its forward() (it is used through a functional call, "
-                     "e.g. MultiheadAttention.out_proj), so it gets no curvature statistics: its "
-                     "pre-conditioner stays the identity and its parameters take plain gradient steps. "
-                     "This warning is shown once.", stacklevel=4)
+                warn_user(f"Layer {name!r} has never run its forward() (it is used through a functional call, "
+                          "e.g. MultiheadAttention.out_proj), so it gets no curvature statistics: its "
+                          "pre-conditioner stays the identity and its parameters take plain gradient steps. "
+                          "This warning is shown once.")
             return
-        warn(
+        warn_user(
             f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
             "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
-            "is left unchanged.", stacklevel=4)
+            "is left unchanged.")
 
     def _gradient_scale(self) -> float:
         """The factor the gradients still carry (1 once GradScaler.unscale_ ran)."""
@@ -717,7 +717,7 @@ class SINGD(StockSINGD):
     @staticmethod
     def _warn_skipped_step(not_ok: bool) -> None:
         if not_ok:
-            warn("Encountered inf in gradients. Skipping update.", stacklevel=3)
+            warn_user("Encountered inf in gradients. Skipping update.")
 
     def _gradients_ok(self, found_inf: Tensor | None) -> Tensor:
         """0-d bool on the device: no inf/NaN in any gradient (and none found by a GradScaler)."""
@@ -977,8 +977,8 @@ def _singd_computes_in(structure: type[StructuredMatrix], dtype: torch.dtype) ->
 def _warn_non_finite(names: list[str], step: int) -> None:
     """One warning per layer (named once) whose update was skipped for its statistics."""
     for name in dict.fromkeys(names):
-        warn(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
-             "its pre-conditioner update (K, C and their momenta are unchanged).", stacklevel=3)
+        warn_user(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
+                  "its pre-conditioner update (K, C and their momenta are unchanged).")
 
 
 def _untraced_sums(H) -> list[Tensor]:

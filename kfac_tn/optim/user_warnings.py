@@ -1,0 +1,23 @@
+"""Warnings attributed to the user's line, not to kfac_tn's or torch's internals."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+_INTERNAL = tuple(
+    os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+    for module in (sys.modules["kfac_tn"], torch)
+)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` at the innermost calling frame outside kfac_tn and torch (e.g. the
+    user's ``opt.step()``, also when the warning is raised from deferred device flags)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
