@@ -2,7 +2,7 @@
 
 Cases: the distinct convolutions of CIFAR ResNet18 and VGG19 (batch 32, 32×32
 images), ConvNeXt-base's stem and first depthwise 7×7 convolution for a
-(32, 3, 256, 256) input, and the issue's Conv2d(64, 64, 3, padding=1) on
+(32, 3, 256, 256) input, and a Conv2d(64, 64, 3, padding=1) on
 (32, 64, 56, 56). Each (case, implementation, approximation) runs in a fresh
 process; time is the median of 7 calls, memory the peak extra MiB (see measure.py).
 

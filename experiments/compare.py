@@ -66,15 +66,20 @@ def load_config(path: str, overrides: list[str]) -> dict:
     return config
 
 
-def _label(run: dict) -> str:
+def _setting(run: dict) -> str:
+    """The run's configuration without the optimizer: ``"expand diagonal/diagonal T=1"``."""
     if "label" in run:
         return run["label"]
-    parts = [run["optimizer"]]
+    parts = []
     for key in ("kfac_approx", "structures", "T"):
         if key in run:
             value = run[key]
             parts.append("/".join(value) if isinstance(value, list) else f"{key}={value}" if key == "T" else str(value))
     return " ".join(parts)
+
+
+def _label(run: dict) -> str:
+    return " ".join(filter(None, [run["optimizer"], _setting(run)])) if "label" not in run else run["label"]
 
 
 def _state_mib(optimizer) -> float:
@@ -139,7 +144,8 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") * 1024
     return {
-        "model": model_name, "optimizer": _label(run), "device": device.type, "batch_size": batch,
+        "model": model_name, "optimizer": _label(run), "kind": run["optimizer"], "setting": _setting(run),
+        "device": device.type, "batch_size": batch,
         "median_s": statistics.median(times), "mean_s": statistics.fmean(times),
         "peak_extra_mib": (peak - base) / 2**20,
         "state_mib": _state_mib(optimizer) if run["optimizer"] != "sgd" else 0.0,
@@ -173,17 +179,51 @@ def run_all(config: dict, config_path: str, overrides: list[str]) -> list[dict]:
 
 
 def _combine(rows: list[dict]) -> dict:
-    """One row: the median over repeats of every figure, and every repeat's mean."""
+    """One row: the median over repeats of every figure, every repeat's mean and their
+    relative spread ``(max − min) / median`` (None for one repeat)."""
     out = dict(rows[0])
     for key in ("median_s", "mean_s", "peak_extra_mib", "state_mib"):
         out[key] = statistics.median(r[key] for r in rows)
     out["repeats"] = len(rows)
     out["mean_s_runs"] = [r["mean_s"] for r in rows]
+    out["spread"] = (max(out["mean_s_runs"]) - min(out["mean_s_runs"])) / out["mean_s"] if len(rows) > 1 else None
+    return out
+
+
+#: relative spread of a row's repeats above which its time is flagged as unreliable
+NOISY = 0.2
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Stock vs kfac_tn SINGD for every (model, setting) both ran: time and memory ratios,
+    and whether the time difference holds in every repeat (conclusive) or not."""
+    out = []
+    by_key = {(r["model"], r["setting"], r["kind"]): r for r in rows}
+    for (model, setting, kind), tn in by_key.items():
+        stock = by_key.get((model, setting, "singd_stock"))
+        if kind != "singd_tn" or stock is None:
+            continue
+        speedup = stock["mean_s"] / tn["mean_s"]
+        memory = (tn["extra_over_sgd_mib"] / stock["extra_over_sgd_mib"]
+                  if tn.get("extra_over_sgd_mib") is not None and stock.get("extra_over_sgd_mib") else None)
+        if tn["repeats"] < 2 or stock["repeats"] < 2:
+            verdict = "one run each: no spread known (use repeats >= 3)"
+        elif min(stock["mean_s_runs"]) > max(tn["mean_s_runs"]):
+            verdict = f"kfac_tn faster in every repeat ({speedup:.2f}x)"
+        elif min(tn["mean_s_runs"]) > max(stock["mean_s_runs"]):
+            verdict = f"stock faster in every repeat ({1 / speedup:.2f}x)"
+        else:
+            verdict = "within noise: the repeats overlap"
+        noisy = max(r["spread"] or 0.0 for r in (tn, stock)) > NOISY
+        out.append({"model": model, "setting": setting, "stock_s": stock["mean_s"], "kfac_tn_s": tn["mean_s"],
+                    "speedup": speedup, "stock_above_sgd_mib": stock.get("extra_over_sgd_mib"),
+                    "kfac_tn_above_sgd_mib": tn.get("extra_over_sgd_mib"), "memory_ratio": memory,
+                    "verdict": verdict + (" (spread > 20%: the machine was busy)" if noisy else "")})
     return out
 
 
 def report(rows: list[dict], out: Path) -> None:
-    sgd = {r["model"]: r for r in rows if r["optimizer"] == "sgd"}
+    sgd = {r["model"]: r for r in rows if r["kind"] == "sgd"}
     for r in rows:
         ref = sgd.get(r["model"])
         r["time_ratio"] = r["mean_s"] / ref["mean_s"] if ref else None
@@ -191,35 +231,69 @@ def report(rows: list[dict], out: Path) -> None:
         r["extra_over_sgd_mib"] = r["peak_extra_mib"] - ref["peak_extra_mib"] if ref else None
     write_rows(rows, out)
     repeats = max(r.get("repeats", 1) for r in rows)
-    if repeats > 1:
-        print(f"\nEach figure: median over {repeats} repeats (round robin, fresh processes).")
-    print("\n| net | optimizer | median [s] | per-iteration (mean) [s] | peak extra memory [MiB] | above SGD [MiB] | state [MiB] |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nTime: mean s/step over the timed steps, median over {repeats} repeat(s) (round robin, fresh "
+          "processes); spread = (max - min) / median of the repeats. Memory: peak above the memory "
+          "held before the optimizer was built.")
+    print("\n| net | optimizer | s/step | spread | × SGD | peak extra [MiB] | above SGD [MiB] | state [MiB] |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        tr = f" ({r['time_ratio']:.2f}×)" if r["time_ratio"] else ""
-        mr = f" ({r['memory_ratio']:.2f}×)" if r["memory_ratio"] else ""
+        spread = f"{100 * r['spread']:.0f}%" if r.get("spread") is not None else "–"
+        ratio = f"{r['time_ratio']:.2f}" if r["time_ratio"] else "–"
         above = f"{r['extra_over_sgd_mib']:.0f}" if r["extra_over_sgd_mib"] is not None else "–"
-        print(f"| {r['model']} | {r['optimizer']} | {r['median_s']:.3f} | {r['mean_s']:.3f}{tr} | "
-              f"{r['peak_extra_mib']:.0f}{mr} | {above} | {r['state_mib']:.0f} |")
-    _plot(rows, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.csv')}, {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+        print(f"| {r['model']} | {r['optimizer']} | {r['mean_s']:.3f} | {spread} | {ratio} | "
+              f"{r['peak_extra_mib']:.0f} | {above} | {r['state_mib']:.0f} |")
+    pairs = verdicts(rows)
+    if pairs:
+        print("\n| net | setting | stock s/step | kfac_tn s/step | speed-up | above SGD: stock / kfac_tn [MiB] | verdict |")
+        print("|---|---|---|---|---|---|---|")
+        for v in pairs:
+            memory = (f"{v['stock_above_sgd_mib']:.0f} / {v['kfac_tn_above_sgd_mib']:.0f}"
+                      if v["stock_above_sgd_mib"] is not None else "–")
+            print(f"| {v['model']} | {v['setting']} | {v['stock_s']:.3f} | {v['kfac_tn_s']:.3f} | "
+                  f"{v['speedup']:.2f}x | {memory} | {v['verdict']} |")
+        Path(out.with_name(out.name + "_verdicts.json")).write_text(json.dumps(pairs, indent=1))
+    if any((r.get("spread") or 0) > NOISY for r in rows):
+        print(f"\nWarning: some rows vary by more than {100 * NOISY:.0f}% between repeats; their times are "
+              "not reliable (another process was probably running).")
+    _plot(rows, pairs, out.with_suffix(".png"))
+    print(f"\nwrote {out.with_suffix('.csv')}, {out.with_suffix('.json')}, {out.name}_verdicts.json and "
+          f"{out.with_suffix('.png')}")
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], pairs: list[dict], path: Path) -> None:
+    """Per model and setting: stock vs kfac_tn time and memory above SGD, SGD's time as a
+    dashed line, kfac_tn's ratio to stock written over its bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']}\n{r['optimizer']}" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(rows)), 5))
-    axes[0].bar(range(len(rows)), [r["mean_s"] for r in rows], color="tab:blue")
-    axes[0].set_ylabel("mean time per step [s]")
-    axes[1].bar(range(len(rows)), [r["peak_extra_mib"] for r in rows], color="tab:orange")
-    axes[1].set_ylabel("peak extra memory [MiB]")
-    for ax in axes:
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
+    if not pairs:
+        return
+    sgd = {r["model"]: r["mean_s"] for r in rows if r["kind"] == "sgd"}
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(pairs) + 3), 5))
+    x = range(len(pairs))
+    labels = [f"{v['model']}\n{v['setting']}" for v in pairs]
+    panels = ((axes[0], "stock_s", "kfac_tn_s", "time per step [s]", "speedup"),
+              (axes[1], "stock_above_sgd_mib", "kfac_tn_above_sgd_mib", "peak memory above SGD [MiB]", None))
+    for ax, stock_key, tn_key, ylabel, ratio_key in panels:
+        stock = [v[stock_key] or 0 for v in pairs]
+        tn = [v[tn_key] or 0 for v in pairs]
+        ax.bar([i - 0.2 for i in x], stock, 0.4, color="tab:orange", label="stock singd")
+        ax.bar([i + 0.2 for i in x], tn, 0.4, color="tab:blue", label="kfac_tn")
+        for i, v in enumerate(pairs):
+            ratio = v["speedup"] if ratio_key else (tn[i] / stock[i] if stock[i] else None)
+            if ratio is not None:
+                text = f"{ratio:.2f}x faster" if ratio_key else f"{ratio:.2f}x"
+                ax.annotate(text, (i + 0.2, tn[i]), ha="center", va="bottom", fontsize=8)
+            if ratio_key and v["model"] in sgd:
+                ax.hlines(sgd[v["model"]], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
+                          label="SGD" if i == 0 else None)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle("SINGD per training step: stock singd vs kfac_tn (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -228,7 +302,8 @@ def _plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="default: configs/compare_default.yaml")
-    parser.add_argument("--full", action="store_true", help="the seed's setting: configs/compare_full.yaml (GPU)")
+    parser.add_argument("--full", action="store_true",
+                        help="ResNet18 and VGG19 at batch 128, more structures: configs/compare_full.yaml (GPU)")
     parser.add_argument("--out", default=None, help="output prefix (default: config's 'out' or results/compare)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=16")

@@ -39,7 +39,7 @@ from experiments.optimizers import build_optimizer  # noqa: E402
 from experiments.reporting import write_rows  # noqa: E402
 from kfac_tn import use_routes  # noqa: E402
 
-#: the goal configurations of the GPU issue: (label, kwargs)
+#: the configurations compared: (label, kwargs)
 CONFIGURATIONS = [
     ("diagonal/expand T=1", {"structures": ["diagonal", "diagonal"], "kfac_approx": "expand", "T": 1}),
     ("block30diagonal/expand T=1", {"structures": ["block30diagonal", "block30diagonal"], "kfac_approx": "expand", "T": 1}),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks in one command (under 8 minutes): CUDA tests, then the goal runs of
-# SGD / stock singd / kfac_tn SINGD on ResNet18 and VGG19 at batch 32 and 128.
+# The GPU checks in one command (under 8 minutes): the CUDA tests, then SGD / stock singd /
+# kfac_tn SINGD on ResNet18 and VGG19 at batch 32 and 128 (configs/compare_gpu.yaml).
 # Usage: bash scripts/gpu_benchmarks.sh OUT_DIR
-# The device machine has no network: torch (CUDA), singd, opt_einsum, pyyaml must already
-# be importable there; kfac_tn itself is used from this checkout.
+# Runs offline: torch (CUDA), singd, opt_einsum and pyyaml must be importable; kfac_tn is
+# used from this checkout.
 set -u
 out=${1:?output directory}
 mkdir -p "$out"
@@ -11,6 +11,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$out/gpu.txt" 2>&1
 timeout 90 python3 -m pytest -q tests/test_cuda.py 2>&1 | tail -20 | tee "$out/test_cuda.log"
-timeout 200 python3 experiments/compare.py --config configs/compare_goals_gpu.yaml --out "$out/goals_b32" 2>&1 | tee "$out/goals_b32.log"
-timeout 170 python3 experiments/compare.py --config configs/compare_goals_gpu.yaml batch_size=128 --out "$out/goals_b128" 2>&1 | tee "$out/goals_b128.log"
-rm -f "$out"/*.png "$out"/*.csv  # at most 8 files come back; the JSON holds every row
+timeout 200 python3 experiments/compare.py --config configs/compare_gpu.yaml --out "$out/compare_b32" 2>&1 | tee "$out/compare_b32.log"
+timeout 170 python3 experiments/compare.py --config configs/compare_gpu.yaml batch_size=128 --out "$out/compare_b128" 2>&1 | tee "$out/compare_b128.log"
+rm -f "$out"/*.png "$out"/*.csv  # the JSON files hold every row

@@ -120,6 +120,7 @@ def test_compare_runs_in_fresh_processes(tmp_path):
         "models: [small_cnn]\nbatch_size: 4\nwarmup: 1\nsteps: 2\nrepeats: 2\n"
         "common: {lr: 0.01}\n"
         "runs:\n  - {optimizer: sgd}\n  - {optimizer: singd_tn, T: 1, structures: [diagonal, dense]}\n"
+        "  - {optimizer: singd_stock, T: 1, structures: [diagonal, dense]}\n"
     )
     out = tmp_path / "res"
     proc = subprocess.run(
@@ -131,7 +132,10 @@ def test_compare_runs_in_fresh_processes(tmp_path):
     assert out.with_suffix(".csv").is_file() and out.with_suffix(".png").is_file()
     rows = json.loads(out.with_suffix(".json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
-    assert [r["repeats"] for r in rows] == [2, 2] and all(len(r["mean_s_runs"]) == 2 for r in rows)
+    assert [r["repeats"] for r in rows] == [2, 2, 2] and all(len(r["mean_s_runs"]) == 2 for r in rows)
+    verdicts = json.loads((tmp_path / "res_verdicts.json").read_text())
+    assert [(v["model"], v["setting"]) for v in verdicts] == [("small_cnn", "diagonal/dense T=1")]
+    assert "| small_cnn | diagonal/dense T=1 |" in proc.stdout
 
 
 def test_compare_config_errors(tmp_path):

@@ -85,9 +85,6 @@ def _warn_skipped(flags: list[bool], step: int) -> None:
 
 
 class KFAC(torch.optim.Optimizer):
-    # GradScaler hands the loss scale and found_inf to step() (see torch.amp.GradScaler)
-    _step_supports_amp_scaling = True
-
     """Kronecker-factored approximate curvature optimizer for Linear and every conv layer.
 
     Args:
@@ -118,6 +115,9 @@ class KFAC(torch.optim.Optimizer):
             keeps early steps, taken with poorly estimated factors, from blowing up.
             ``None`` switches it off. Typical: 1e-3 (default) to 1e-2.
     """
+
+    # GradScaler hands the loss scale and found_inf to step() (see torch.amp.GradScaler)
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
