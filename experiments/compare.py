@@ -256,8 +256,8 @@ def report(rows: list[dict], out: Path) -> None:
         print(f"\nWarning: some rows vary by more than {100 * NOISY:.0f}% between repeats; their times are "
               "not reliable (another process was probably running).")
     _plot(rows, pairs, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.csv')}, {out.with_suffix('.json')}, {out.name}_verdicts.json and "
-          f"{out.with_suffix('.png')}")
+    print(f"\nwrote {out.with_suffix('.csv')}, {out.with_suffix('.json')}, "
+          f"{out.with_name(out.name + '_verdicts.json')} and {out.with_suffix('.png')}")
 
 
 def _plot(rows: list[dict], pairs: list[dict], path: Path) -> None:
@@ -292,7 +292,8 @@ def _plot(rows: list[dict], pairs: list[dict], path: Path) -> None:
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, 1.3 * max(stock + tn + ([max(sgd.values())] if ratio_key and sgd else [])))
+        ax.legend(fontsize=8, loc="upper left", ncol=3)
     fig.suptitle("SINGD per training step: stock singd vs kfac_tn (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
