@@ -44,25 +44,41 @@ class Combined:
             self.fallback.load_state_dict(state["fallback"])
 
 
+def optimizer_class(name: str) -> type:
+    """The class behind an optimizer name (``sgd``: ``torch.optim.SGD``)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; available: {OPTIMIZERS}.")
+    if name == "sgd":
+        return torch.optim.SGD
+    if name == "singd_stock":
+        from singd.optim.optimizer import SINGD
+        return SINGD
+    import kfac_tn
+
+    return kfac_tn.SINGD if name == "singd_tn" else kfac_tn.KFAC
+
+
+def optimizer_arguments(name: str) -> set[str]:
+    """The hyper-parameters optimizer ``name`` takes (its constructor's keyword arguments)."""
+    import inspect
+
+    skip = {"self", "model", "params", "warn_unsupported", "foreach", "maximize", "differentiable", "fused",
+            "dampening", "nesterov"}
+    return {n for n in inspect.signature(optimizer_class(name).__init__).parameters if n not in skip}
+
+
 def build_optimizer(model: nn.Module, name: str, foreach: bool | None = None, **kwargs: Any) -> Combined:
     """Optimizer ``name`` with hyper-parameters ``kwargs`` (its own argument names).
 
     ``foreach`` is passed to the ``torch.optim.SGD`` of ``sgd`` and of the fallback
     (None: torch's default, ``foreach`` kernels on CUDA, per-tensor loops on a CPU).
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}; available: {OPTIMIZERS}.")
+    cls = optimizer_class(name)
     lr = kwargs.get("lr", 0.01)
     sgd_kwargs = {k: kwargs[k] for k in ("momentum", "weight_decay") if k in kwargs}
     sgd_kwargs["foreach"] = foreach
     if name == "sgd":
         return Combined(torch.optim.SGD(model.parameters(), lr=lr, **sgd_kwargs), None)
-    if name == "singd_stock":
-        from singd.optim.optimizer import SINGD as cls
-    elif name == "singd_tn":
-        from kfac_tn import SINGD as cls
-    else:
-        from kfac_tn import KFAC as cls
     if "structures" in kwargs:
         kwargs["structures"] = tuple(kwargs["structures"])
     main = cls(model, warn_unsupported=False, **kwargs)

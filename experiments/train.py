@@ -3,7 +3,10 @@
     python experiments/train.py --config configs/train_resnet18_singd_tn_synthetic.yaml [key=value ...] [--resume]
 
 Writes ``metrics.csv`` / ``metrics.json`` (one row per epoch) and ``last.pt`` (written
-atomically: temp file, then rename) to the config's ``output.dir``. ``--resume``
+atomically: temp file, then rename; every ``output.checkpoint_every`` epochs, default 1,
+and after the last) to the config's ``output.dir``. A checkpoint holds the model and the
+optimizer's whole state: for dense SINGD/KFAC about the size of the preconditioner (e.g.
+~0.8 GB for ResNet18, ~1.5 GB for VGG19). ``--resume``
 continues from ``last.pt`` exactly: model, optimizer (with the preconditioner), RNG
 states and epoch. BatchNorm and other parameters without Kronecker factors are
 trained by a fallback SGD with the same lr/momentum/weight decay.
@@ -29,19 +32,20 @@ from torch.utils.data import DataLoader  # noqa: E402
 from experiments.config import ConfigError, apply_overrides, check_keys, load_yaml  # noqa: E402
 from experiments.data import DATASETS, DataError, load_data  # noqa: E402
 from experiments.models import MODELS, build_model  # noqa: E402
-from experiments.optimizers import OPTIMIZERS, build_optimizer  # noqa: E402
+from experiments.optimizers import OPTIMIZERS, build_optimizer, optimizer_arguments  # noqa: E402
 
 TOP = {"model": str, "data": dict, "optimizer": dict, "training": dict, "output": dict}
 DATA = {"name": str, "data_dir": str, "image_size": int, "num_classes": int, "n_train": int, "n_test": int}
 TRAINING = {"epochs": int, "batch_size": int, "seed": int, "device": str, "amp": bool,
             "max_steps_per_epoch": int, "threads": int}
-OUTPUT = {"dir": str}
+OUTPUT = {"dir": str, "checkpoint_every": int}
 OPTIMIZER = {"name": str, "lr": (int, float), "momentum": (int, float), "damping": (int, float),
              "alpha1": (int, float), "weight_decay": (int, float), "T": int, "loss_average": str,
              "lr_cov": (int, float), "structures": list, "kfac_approx": str, "kfac_like": bool,
              "normalize_lr_cov": bool, "grouped_conv": str, "natural_gradient_cache": str,
              "init_grad_scale": (int, float), "ema_decay": (int, float), "pi_damping": bool,
-             "factor_update_freq": int, "inverse_update_freq": int, "inverse_method": str}
+             "factor_update_freq": int, "inverse_update_freq": int, "inverse_method": str,
+             "kl_clip": (int, float)}
 
 
 def load_config(path: str, overrides: list[str]) -> dict:
@@ -63,6 +67,12 @@ def load_config(path: str, overrides: list[str]) -> dict:
         raise ConfigError(f"config.data.name {data['name']!r} is unknown; available: {DATASETS}.")
     if opt.get("name") not in OPTIMIZERS:
         raise ConfigError(f"config.optimizer.name {opt.get('name')!r} is unknown; available: {OPTIMIZERS}.")
+    takes = optimizer_arguments(opt["name"])
+    for key in opt:
+        if key != "name" and key not in takes:
+            raise ConfigError(f"config.optimizer.{key} is not an argument of {opt['name']}; it takes {sorted(takes)}.")
+    if config["output"].get("checkpoint_every", 1) < 0:
+        raise ConfigError("config.output.checkpoint_every must be >= 0 (0: only after the last epoch).")
     for key in ("epochs", "batch_size"):
         if training.get(key, 1) < 1:
             raise ConfigError(f"config.training.{key} must be >= 1, got {training[key]}.")
@@ -154,7 +164,10 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
     )
     model = build_model(config["model"], num_classes=classes).to(device)
     name = opt_cfg.pop("name")
-    optimizer = build_optimizer(model, name, **opt_cfg)
+    try:
+        optimizer = build_optimizer(model, name, **opt_cfg)
+    except (ValueError, TypeError) as err:  # the constructor's own checks name the argument
+        raise ConfigError(f"config.optimizer ({name}): {err}") from err
     amp = training.get("amp", False)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -172,8 +185,13 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         history, start_epoch = state["history"], state["epoch"] + 1
+        if start_epoch >= training.get("epochs", 1) and rank == 0:
+            print(f"Nothing to resume: {checkpoint} already holds epoch {start_epoch} of "
+                  f"{training.get('epochs', 1)}. Raise training.epochs to train longer.", flush=True)
     max_steps = training.get("max_steps_per_epoch")
-    for epoch in range(start_epoch, training.get("epochs", 1)):
+    epochs = training.get("epochs", 1)
+    every = config["output"].get("checkpoint_every", 1)
+    for epoch in range(start_epoch, epochs):
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + epoch))
         shard = torch.utils.data.Subset(train_set, order[rank::world].tolist())
         loader = DataLoader(shard, batch_size=batch_size)
@@ -209,11 +227,17 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
         if rank > 0:
             continue
         _write_metrics(history, out_dir)
-        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,
-                         "history": history, "config": config}, checkpoint)
-        if progress:
-            print(json.dumps(history[-1]), flush=True)
+        h = history[-1]
+        print(f"epoch {epoch + 1}/{epochs}: train loss {h['train_loss']:.4f} acc {h['train_acc']:.3f} | test loss "
+              f"{h['test_loss']:.4f} acc {h['test_acc']:.3f} | {h['seconds_per_step']:.3f} s/step", flush=True)
+        if (every and (epoch + 1) % every == 0) or epoch + 1 == epochs:
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,
+                             "history": history, "config": config}, checkpoint)
+    if rank == 0 and start_epoch < epochs:
+        size = checkpoint.stat().st_size / 2**20 if checkpoint.is_file() else 0.0
+        print(f"wrote {out_dir / 'metrics.csv'}, {out_dir / 'metrics.json'} and {checkpoint} ({size:.1f} MiB: "
+              "model, optimizer state with the preconditioner, RNG states)", flush=True)
     return history
 
 
@@ -229,9 +253,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", action="store_true", help="continue from output.dir/last.pt")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch lines stay)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.epochs=3")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     try:
         config = load_config(args.config, args.overrides)
         train(config, resume=args.resume, progress=not args.no_progress)

@@ -167,3 +167,26 @@ def test_every_shipped_config_is_valid():
         load_config(str(path), [])
     for path in sorted((ROOT / "configs").glob("compare_*.yaml")):
         load_compare_config(str(path), [])
+
+
+def test_optimizer_keys_are_checked_against_the_chosen_optimizer(tmp_path):
+    with pytest.raises(ConfigError, match="optimizer.ema_decay is not an argument of singd_tn"):
+        _config(tmp_path, "singd_tn", **{"optimizer.ema_decay": 0.9})
+    with pytest.raises(ConfigError, match=r"config.optimizer \(kfac_tn\): lr must be a non-negative"):
+        train(_config(tmp_path, "kfac_tn", **{"optimizer.lr": -1}), progress=False)
+
+
+def test_resuming_a_finished_run_says_so_and_checkpoint_cadence(tmp_path, capsys, monkeypatch):
+    import experiments.train as train_module
+
+    saved = []
+    real_save = train_module.save_atomically
+    monkeypatch.setattr(train_module, "save_atomically", lambda obj, path: (saved.append(obj["epoch"]),
+                                                                           real_save(obj, path)))
+    config = _config(tmp_path, "sgd", **{"training.epochs": 3, "output.checkpoint_every": 2})
+    train(config, progress=False)
+    out = capsys.readouterr().out
+    assert "epoch 3/3: train loss" in out and "last.pt (" in out
+    assert saved == [1, 2]  # after the second epoch and after the last
+    train(config, resume=True, progress=False)
+    assert "Nothing to resume" in capsys.readouterr().out
