@@ -37,7 +37,7 @@ from kfac_tn.optim.distributed import (
     worker_groups,
 )
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
-from kfac_tn.optim.user_warnings import warn_user
+from kfac_tn.optim.user_warnings import unsupported_message, warn_user
 from kfac_tn.optim.validation import (
     check_layout,
     check_model,
@@ -163,11 +163,11 @@ class KFAC(torch.optim.Optimizer):
         layers = {name: m for name, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
         if params is None:
             params = [p for m in layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
-            if warn_unsupported:
-                for name, m in model.named_modules():
-                    own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-                    if own and not isinstance(m, SUPPORTED_LAYERS):
-                        warn_user(f"Layer {name!r} ({type(m).__name__}) is not supported: its parameters are not trained.")
+            unsupported = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+                           if not isinstance(m, SUPPORTED_LAYERS)
+                           and any(p.requires_grad for p in m.parameters(recurse=False))]
+            if warn_unsupported and unsupported:
+                warn_user(unsupported_message(unsupported))
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
         super().__init__(params, defaults)
         for group in self.param_groups:

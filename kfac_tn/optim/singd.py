@@ -90,7 +90,7 @@ from kfac_tn.optim.structured_products import (
     sandwich,
     stock_projector,
 )
-from kfac_tn.optim.user_warnings import warn_user
+from kfac_tn.optim.user_warnings import unsupported_message, warn_user
 from kfac_tn.optim.validation import (
     check_layout,
     check_model,
@@ -315,6 +315,20 @@ class SINGD(StockSINGD):
             self._K_blocks[name], self._C_blocks[name] = bank.matrices(bank.values, name)
             if bank.momenta is not None:
                 self._m_K_blocks[name], self._m_C_blocks[name] = bank.matrices(bank.momenta, name)
+
+    def _get_trainable_parameters(self, model: nn.Module, warn_unsupported: bool) -> list[nn.Parameter]:
+        """The trainable parameters of the supported layers (singd's rule); one warning that
+        names the other layers with trainable parameters and how to train them."""
+        trainable, unsupported = [], []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if isinstance(module, self.SUPPORTED_MODULES):
+                trainable.extend(own)
+            elif own:
+                unsupported.append(f"{name} ({type(module).__name__})")
+        if unsupported and warn_unsupported:
+            warn_user(unsupported_message(unsupported))
+        return trainable
 
     def preconditioner_dims(self, module: nn.Module) -> tuple[int, int]:  # type: ignore[override]
         """``(dim_K, dim_C)`` of each of the layer's blocks."""

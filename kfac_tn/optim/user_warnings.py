@@ -21,3 +21,11 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)
+
+
+def unsupported_message(layers: list[str]) -> str:
+    """The warning for trainable parameters of layers without Kronecker factors."""
+    return (f"Found un-supported parameter(s) that this optimizer does not train, in layer(s) "
+            f"{', '.join(layers)}. Train them with a second optimizer stepped next to this one, e.g. "
+            "torch.optim.SGD([p for p in model.parameters() if all(p is not q for g in opt.param_groups "
+            "for q in g['params'])], lr=...); or pass warn_unsupported=False to silence this warning.")
