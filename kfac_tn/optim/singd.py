@@ -110,13 +110,45 @@ NATURAL_GRADIENT_CACHE = ("memory", "time", "none")
 
 
 class SINGD(StockSINGD):
-    """Structured inverse-free natural gradient descent on tensor-network factors.
+    """Structured inverse-free natural gradient descent (SINGD) on tensor-network factors.
 
-    Takes every argument of ``singd.optim.optimizer.SINGD`` (same meaning, same
-    defaults) plus:
+    A drop-in for ``singd.optim.optimizer.SINGD`` 0.0.5 (same arguments, defaults and
+    update rule; its own test suite passes). Per supported layer it keeps Kronecker
+    factors ``K`` (input side) and ``C`` (output side) with ``K Kᵀ ≈ A⁻¹`` and
+    ``C Cᵀ ≈ G⁻¹``, updated every ``T`` steps without inverting anything, and steps along
+    ``C Cᵀ ∇W K Kᵀ``.
 
     Args:
-        grouped_conv: ``"exact"`` (one K, C per channel group) or ``"average"``
+        model: the network (an ``nn.Module``); its Linear, Conv1d/2d/3d and
+            ConvTranspose1d/2d/3d layers are hooked, keyed by module name.
+        params: parameters or param groups (default: those of the supported layers).
+            A group may override every argument below except ``model``.
+        lr: learning rate (default 0.001). Typical 0.01-0.1 with ``momentum=0.9``.
+        momentum: SGD momentum on the preconditioned gradient, in [0, 1).
+        damping: λ added to the curvature estimates (default 0.001); larger is more
+            SGD-like and more stable (0.001-0.1).
+        alpha1: Riemannian momentum of K and C, in [0, 1) (default 0.5; 0 with
+            ``kfac_like``).
+        weight_decay: L2 penalty added to the gradient.
+        T: steps between updates of K and C (default 10). 1 costs most; 5-10 is typical.
+        loss_average: ``"batch"`` (loss averaged over the batch, default),
+            ``"batch+sequence"`` (also over positions) or ``None`` (summed loss).
+        lr_cov: learning rate of K and C (default 0.01), or a function of the step.
+        structures: ``(structure of K, structure of C)``, each one of ``"dense"``
+            (exact, d² memory), ``"diagonal"`` (d), ``"block30diagonal"`` (30×30 blocks),
+            ``"hierarchical15_15"`` (singd's hierarchical matrix), ``"triltoeplitz"`` /
+            ``"triutoeplitz"`` (triangular Toeplitz, d numbers); see
+            ``SINGD.SUPPORTED_STRUCTURES``. Hierarchical and Toeplitz ones need float32
+            (or lower) storage.
+        kfac_approx: ``"expand"`` (weight-sharing positions as extra samples) or
+            ``"reduce"`` (positions averaged first: much cheaper for convolutions).
+        warn_unsupported: warn about trainable parameters of other layers (BatchNorm,
+            embeddings, ...), which this optimizer does not train.
+        kfac_like: SINGD's KFAC-like variant (requires ``alpha1=0``).
+        preconditioner_dtype: ``(dtype of K, dtype of C)``; ``None`` follows the layer.
+        init_grad_scale: initial loss scale when a GradScaler is used.
+        normalize_lr_cov: scale ``lr_cov`` by the curvature estimates' norm.
+        grouped_conv: ``"exact"`` (one K, C per channel group, default) or ``"average"``
             (singd's convention: input averaged over groups, one shared K and one C over
             all output channels).
         natural_gradient_cache: keep ``K Kᵀ`` / ``C Cᵀ`` between preconditioner updates
@@ -125,13 +157,11 @@ class SINGD(StockSINGD):
             saves FLOPs, at up to one extra K-sized matrix per layer), or ``"none"``.
             Block-diagonal K/C are cached unless ``"none"`` (as small as K/C themselves).
         update_worker_fraction: with torch.distributed, the fraction of ranks that compute
-            each layer's K/C update (KAISA's knob). ``1.0`` (COMM-OPT, default, as stock):
-            every rank updates every layer, nothing extra is sent. ``1/world`` (MEM-OPT
-            style): each layer's update runs on one rank. In between (hybrid): ranks form
-            groups of ``round(fraction·world)``; layers go to groups by a greedy
-            longest-first cost model (d_K³ + d_C³ per block), each group's leader
-            broadcasts the new K, C and momenta (one bucket per group). Every rank still
-            holds all K/C and forms its own natural gradients.
+            each layer's K/C update (KAISA's knob). ``1.0`` (default, as stock): every
+            rank updates every layer, nothing extra is sent. ``1/world``: each layer's
+            update runs on one rank. In between: groups of ``round(fraction·world)``
+            ranks get layers by a greedy cost model (d_K³ + d_C³ per block), each group's
+            leader broadcasts the new K, C and momenta. Every rank holds all K/C.
     """
 
     SUPPORTED_MODULES = SUPPORTED_LAYERS
