@@ -2,8 +2,8 @@
 
 CPU memory: reset the kernel's peak-RSS counter (``/proc/self/clear_refs``), call,
 then read ``VmHWM`` minus the resident size before the call. Run in a fresh process
-with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the OS (see
-shared/BASELINES.md). CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated
+with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed blocks of 64 KiB and
+more to the OS at once, and the peak is the tensors' own. CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated
 memory before the call.
 """
 

@@ -441,7 +441,7 @@ def test_loads_a_stock_singd_checkpoint(structure, stock_float64):
 def test_nan_off_the_diagonal_of_pending_statistics_leaves_the_preconditioner_intact():
     """A NaN that the trace does not see (off the diagonal of a dense part) must still
     stop the update of that layer, and only of that layer."""
-    from kfac_tn.optim.pending import SymmetricSum
+    from kfac_tn.optim.symmetric_sum import SymmetricSum
 
     model = _cnn()
     opt = kfac_tn.SINGD(model, T=1)

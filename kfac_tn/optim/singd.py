@@ -73,7 +73,7 @@ from kfac_tn.optim.distributed import (
 )
 from kfac_tn.optim.layer_matrices import LayerMatricesAttribute, as_blocks
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
-from kfac_tn.optim.pending import SymmetricSum
+from kfac_tn.optim.symmetric_sum import SymmetricSum
 from kfac_tn.optim.riemannian_update import (
     StepScalars,
     riemannian_step_,

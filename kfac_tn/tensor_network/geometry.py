@@ -184,8 +184,8 @@ def layer_conv_dims(layer: nn.Module, input_shape: Sequence[int]) -> tuple[ConvD
     """Geometry of a torch convolution layer for a batched input of ``input_shape``.
 
     Non-zero padding modes (reflect, replicate, circular) are *not* folded in here:
-    the caller pads the input explicitly (see :func:`explicit_padding`) and then uses
-    padding 0.
+    the caller pads the input explicitly (``kfac_tn.factors.layers`` does, with
+    ``F.pad``) and then uses padding 0.
     """
     if not isinstance(layer, CONV_TYPES + TRANSPOSED_CONV_TYPES):
         raise TypeError(f"Unsupported layer {type(layer).__name__}; expected a convolution.")
@@ -204,8 +204,3 @@ def layer_conv_dims(layer: nn.Module, input_shape: Sequence[int]) -> tuple[ConvD
         rev = layer._reversed_padding_repeated_twice
         padding = [(rev[2 * (n - 1 - d)], rev[2 * (n - 1 - d) + 1]) for d in range(n)]
     return conv_dims(spatial, layer.kernel_size, layer.stride, padding, layer.dilation)
-
-
-def num_positions(dims: Sequence[ConvDim]) -> int:
-    """Number of output positions O1·…·ON."""
-    return prod(d.output_size for d in dims)
