@@ -1,9 +1,12 @@
 """Data parallelism with torch.distributed (gloo, CPU, 2 processes launched by the test).
 
 After k steps every rank holds the same parameters, equal to one process that saw the
-concatenated batch.
+concatenated batch: with the no-wrapper pattern and with a DistributedDataParallel model
+(optimizer built on the wrapper or on ``ddp.module``, gradient accumulation under
+``no_sync()``, a summed loss), where the optimizer sends its statistics only.
 """
 
+import contextlib
 import os
 import tempfile
 
@@ -34,6 +37,8 @@ def _data():
 
 
 def _optimizer(name, model):
+    if name.startswith(("ddp", "sum")):
+        return _ddp_optimizer(name, model)
     if name.startswith("kfac"):
         fraction = 0.5 if name == "kfac_spread" else 1.0
         return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, update_worker_fraction=fraction)
@@ -44,10 +49,27 @@ def _optimizer(name, model):
                          update_worker_fraction=fraction)
 
 
-def _train(model, opt, X, y):
+def _ddp_optimizer(name, model):
+    loss_average = None if "sum" in name else "batch"
+    if "kfac" in name:
+        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, loss_average=loss_average)
+    structure = "diagonal" if "diag" in name else "dense"
+    return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=(structure, structure), kfac_approx="reduce",
+                         loss_average=loss_average)
+
+
+def _train(model, opt, X, y, name=""):
+    """STEPS steps; ``nosync`` runs: two micro-batches per step, the first in ``no_sync()``
+    (mean/2 each); ``sum`` runs: a summed loss."""
+    reduction = "sum" if "sum" in name else "mean"
     for _ in range(STEPS):
         opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
+        if "nosync" in name:
+            with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+                (nn.functional.cross_entropy(model(X[::2]), y[::2]) / 2).backward()
+            (nn.functional.cross_entropy(model(X[1::2]), y[1::2]) / 2).backward()
+        else:
+            nn.functional.cross_entropy(model(X), y, reduction=reduction).backward()
         opt.step()
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -59,8 +81,22 @@ def _worker(rank, name, init_file, out_dir):
         X, y = _data()
         shard = slice(rank * 4, (rank + 1) * 4)
         model = _model()
-        opt = _optimizer(name, model)
-        params = _train(model, opt, X[shard], y[shard])
+        reduced = []
+        if name.startswith("ddp"):  # DDP averages the gradients; the optimizer sends statistics only
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = _optimizer(name, ddp.module if "module" in name else ddp)
+            real = dist.all_reduce
+            dist.all_reduce = lambda t, *a, **k: (reduced.append(t.numel()), real(t, *a, **k))[1]
+            try:
+                params = _train(ddp, opt, X[shard], y[shard], name)
+            finally:
+                dist.all_reduce = real
+            if "kfac" in name:
+                factors = sum(s["A"].numel() + s["G"].numel() for s in opt.kfac_state.values())
+                assert sum(reduced) == STEPS * factors, (sum(reduced), factors)
+        else:
+            opt = _optimizer(name, model)
+            params = _train(model, opt, X[shard], y[shard], name)
         if name == "singd_greedy":  # two groups of one rank each own layers: the work was spread
             assert set(opt._update_owners(2).values()) == {0, 1}
         torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -69,7 +105,9 @@ def _worker(rank, name, init_file, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "singd_greedy", "kfac", "kfac_spread"])
+@pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "singd_greedy", "kfac", "kfac_spread", "ddp_kfac",
+                                  "ddp_singd", "ddp_module_nosync_kfac", "ddp_module_nosync_singd", "ddp_sum_singd",
+                                  "ddp_sum_kfac", "sum_singd", "sum_singd_diag"])
 def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
@@ -78,7 +116,7 @@ def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
     assert torch.equal(ranks[0], ranks[1])
     model = _model()
     X, y = _data()
-    single = _train(model, _optimizer(name, model), X, y)
+    single = _train(model, _optimizer(name, model), X, y, "sum" if "sum" in name else "")
     torch.testing.assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
     if name.startswith("kfac"):  # and both follow a literal KFAC on the whole batch
         from reference_kfac import ReferenceKFAC

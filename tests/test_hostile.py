@@ -25,7 +25,7 @@
 | a layer whose forward() never runs (MultiheadAttention.out_proj) | one warning naming the cause, then gradient/SGD steps |
 | `ConvTranspose2d(...)(x, output_size=...)` (U-Net decoder) | factors of the call made, not of the stored `output_padding` |
 | `torch.compile(model)`, `torch.compile(opt.step)`, trained for several steps | no recompiles after the first step (hooks and step run eagerly); the eager trajectory |
-| a DDP-wrapped model, or one run through DDP after the optimizer was built | TypeError saying to train the plain model (the optimizer all-reduces itself) |
+| a DDP-wrapped model (optimizer built on the wrapper, before wrapping, or on `ddp.module`) | trains like the plain model, plain layer names; DataParallel / FSDP: TypeError naming what to use |
 | `SINGD(model.parameters())` (the parameters, not the model) | TypeError: pass the model |
 | frozen weights, trainable biases (BitFit) | those layers are not preconditioned; their biases take SGD steps (= torch.optim.SGD) |
 """
@@ -455,29 +455,34 @@ def test_a_compiled_model_trains_like_the_eager_one_without_recompiling(name, st
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-@pytest.mark.parametrize("built_on", ["plain model, wrapped later", "ddp.module"])
-def test_a_model_run_inside_distributed_data_parallel_is_a_clear_error(name, built_on, tmp_path):
-    """The wrapper itself is rejected at construction; an optimizer built before wrapping
-    or on ``ddp.module`` is stopped at the first forward through DDP, with the fix."""
+@pytest.mark.parametrize("built_on", ["the DDP wrapper", "plain model, wrapped later", "ddp.module"])
+def test_a_distributed_data_parallel_model_trains_like_the_plain_one(name, built_on, tmp_path):
+    """One gloo rank: an optimizer on a DDP-wrapped model (built on the wrapper, before
+    wrapping or on ``ddp.module``) gives the plain model's trajectory and the plain layer
+    names; DataParallel and FSDP are clear errors."""
     import torch.distributed as dist
 
+    X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    plain = _conv_net()
+    reference = OPTIMIZERS[name](plain)
+    ref = _trajectory(plain, reference, X, y)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         model = _conv_net()
-        if built_on == "ddp.module":
-            ddp = nn.parallel.DistributedDataParallel(model)
-            opt = OPTIMIZERS[name](ddp.module)
-        else:
+        if built_on == "plain model, wrapped later":
             opt = OPTIMIZERS[name](model)
             ddp = nn.parallel.DistributedDataParallel(model)
-        with pytest.raises(TypeError, match="DistributedDataParallel"):
-            OPTIMIZERS[name](ddp)
-        X, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
-        with pytest.raises(TypeError, match="Call the plain model instead"):
-            ddp(X)
-        _step(model, opt, X, y)  # the plain model still trains
+        else:
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = OPTIMIZERS[name](ddp if built_on == "the DDP wrapper" else ddp.module)
+        got = _trajectory(ddp, opt, X, y)
+        assert opt._capture.ddp_synced
+        assert opt.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+        with pytest.raises(TypeError, match="use DistributedDataParallel"):
+            OPTIMIZERS[name](nn.DataParallel(_conv_net()))
     finally:
         dist.destroy_process_group()
+    torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -20,16 +20,6 @@ from torch.utils.hooks import RemovableHandle
 
 Callback = Callable[[str, nn.Module, Tensor, Tensor], None]
 
-_DDP_MESSAGE = (
-    "Layer {name!r} ran inside a DistributedDataParallel wrapper (built before wrapping, or on "
-    "ddp.module). kfac_tn's optimizers all-reduce gradients and curvature statistics themselves, so "
-    "DDP's gradient all-reduce would be redundant (and, for a summed loss, scale the update by the "
-    "world size). Call the plain model instead: every process holds a replica, runs "
-    "model(x_shard), loss.backward() and opt.step(); the result equals one process on the "
-    "concatenated batch."
-)
-
-
 class LayerCapture:
     """Hooks on named modules that call ``on_backward`` with input and grad_output.
 
@@ -51,6 +41,9 @@ class LayerCapture:
         self._module_ids = {name: id(module) for name, module in modules.items()}
         #: layers whose forward() has run at least once (others are only used functionally)
         self.seen: set[str] = set()
+        #: whether the latest training forward ran inside DistributedDataParallel with gradient
+        #: synchronisation on: its backward averaged the gradients over the ranks
+        self.ddp_synced = False
         self.handles: list[RemovableHandle] = [
             module.register_forward_hook(self._forward_hook(name)) for name, module in modules.items()
         ]
@@ -64,12 +57,13 @@ class LayerCapture:
                 self.remove()
                 return
             self.seen.add(name)
-            if DistributedDataParallel._active_ddp_module is not None:
-                raise TypeError(_DDP_MESSAGE.format(name=name))
             if not (torch.is_grad_enabled() and module.training):
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
+            ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+            # whether DDP all-reduces the gradients of this forward's backward (not in no_sync())
+            self.ddp_synced = ddp is not None and ddp.require_backward_grad_sync
             if not is_due(name, module):
                 return
             if len(inputs) != 1 or not isinstance(inputs[0], Tensor):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -81,3 +82,18 @@ def assign_greedy(costs: dict[str, float], n_groups: int) -> dict[str, int]:
         owners[name] = group
         load[group] += cost
     return owners
+
+
+def reduce_gradients_(tensors: list[Tensor], averaged_loss: bool, ddp_synced: bool) -> None:
+    """Turn every rank's ``tensors`` (gradients, or directions linear in them) into those of
+    one process on the concatenated batch, in place: the mean over ranks for an averaged
+    loss, the sum for a summed one. After a DistributedDataParallel backward (``ddp_synced``)
+    the gradients are averaged already: nothing is sent (a summed loss's are scaled by the
+    world size)."""
+    if not tensors:
+        return
+    if ddp_synced:
+        if not averaged_loss:
+            torch._foreach_mul_(tensors, float(dist.get_world_size()))
+        return
+    all_reduce_flat(tensors, dist.ReduceOp.AVG if averaged_loss else dist.ReduceOp.SUM)

@@ -34,6 +34,7 @@ from kfac_tn.optim.distributed import (
     assign_greedy,
     broadcast_flat,
     is_distributed,
+    reduce_gradients_,
     worker_groups,
 )
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
@@ -46,8 +47,7 @@ from kfac_tn.optim.validation import (
     non_negative,
     one_of,
     positive_int,
-    reject_wrappers,
-    unwrap_compiled,
+    unwrap_model,
 )
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks
 
@@ -141,8 +141,7 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: float | None = 1e-3,
     ) -> None:
         check_model(model)
-        model = unwrap_compiled(model)
-        reject_wrappers(model)
+        model = unwrap_model(model)
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("damping", damping)):
             non_negative(name, value)
         in_unit_interval("ema_decay", ema_decay)
@@ -370,7 +369,7 @@ class KFAC(torch.optim.Optimizer):
         if is_distributed():
             # every rank averages (or sums, for a summed loss) its gradients and statistics,
             # so all ranks apply the same update as one process on the concatenated batch
-            all_reduce_flat(grads, dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)
+            reduce_gradients_(grads, self.loss_average is not None, self._capture.ddp_synced)
             self._all_reduce_pending()
         if grads:
             ok = ok & gradients_finite(grads)

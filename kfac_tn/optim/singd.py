@@ -69,6 +69,7 @@ from kfac_tn.optim.distributed import (
     assign_greedy,
     broadcast_flat,
     is_distributed,
+    reduce_gradients_,
     worker_groups,
 )
 from kfac_tn.optim.layer_matrices import LayerMatricesAttribute, as_blocks
@@ -99,8 +100,7 @@ from kfac_tn.optim.validation import (
     non_negative,
     one_of,
     positive_int,
-    reject_wrappers,
-    unwrap_compiled,
+    unwrap_model,
 )
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks, num_blocks
 from kfac_tn.tensor_network.workspace import Workspace
@@ -198,8 +198,7 @@ class SINGD(StockSINGD):
         update_worker_fraction: float = 1.0,
     ):
         check_model(model)
-        model = unwrap_compiled(model)
-        reject_wrappers(model)
+        model = unwrap_model(model)
         _validate_hyperparameters(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
             T=T, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
@@ -420,6 +419,9 @@ class SINGD(StockSINGD):
         a = inputs[0].data.to(stat_K)
         g = grad_output.data.to(stat_C)
         prev_grad_scale = self._get_grad_scale(self.steps - 1)
+        # ranks' statistics are averaged: A (and H_K) is an average, but G sums over the
+        # batch for a summed loss, so its rank shares enter W times (stock singd sums both)
+        g_share = float(dist.get_world_size()) if is_distributed() and not loss_average else 1.0
         layer = as_called(module, a, grad_output.shape)  # e.g. a ConvTranspose called with output_size=
         bank = self._bank_of.get(name)
         if bank is not None:
@@ -427,7 +429,7 @@ class SINGD(StockSINGD):
             if isinstance(bank, DiagonalBank):
                 sum_A, scale_A = input_factor_diagonal_sum(layer, a, kfac_approx, ga)
                 sum_G, scale_G = grad_output_factor_diagonal_sum(layer, g, kfac_approx, loss_average, ga)
-                bank.add_statistics(name, sum_A, scale_A, sum_G, scale_G / prev_grad_scale)
+                bank.add_statistics(name, sum_A, scale_A, sum_G, scale_G * g_share / prev_grad_scale)
             else:
                 self._stats_workspace.reset()
                 blocks, last = input_factor_blocks(layer, a, bank.block, kfac_approx, ga,
@@ -438,12 +440,12 @@ class SINGD(StockSINGD):
                 blocks, last = grad_output_factor_blocks(layer, g, bank.block, kfac_approx, loss_average, ga,
                                                          workspace=self._stats_workspace)
                 for group, (b, r) in enumerate(zip(blocks, last)):
-                    bank.add_statistics(name, 1, group, b, r, 1.0 / prev_grad_scale)
+                    bank.add_statistics(name, 1, group, b, r, g_share / prev_grad_scale)
             if name not in self._H_K_blocks:
                 self._H_K_blocks[name], self._H_C_blocks[name] = bank.matrices(bank.stats, name)
             return
-        if prev_grad_scale != 1.0:
-            g = g / sqrt(prev_grad_scale)
+        if prev_grad_scale != 1.0 or g_share != 1.0:
+            g = g * sqrt(g_share / prev_grad_scale)
         Ks = [_cast(K, stat_K) for K in self._K_blocks[name]]
         Cs = [_cast(C, stat_C) for C in self._C_blocks[name]]
         H_K = self._H_K(layer, a, Ks, kfac_approx)
@@ -453,7 +455,7 @@ class SINGD(StockSINGD):
             H_K = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_K]
             H_C = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_C]
             tensors = [t for H in H_K + H_C for t in _tensors(H)]
-            finish = all_reduce_flat_async(tensors, dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM)
+            finish = all_reduce_flat_async(tensors, dist.ReduceOp.AVG)
             # overlaps the rest of the backward pass; completed at the next step()
             self._in_flight.append((name, H_K, H_C, finish))
             return
@@ -597,9 +599,8 @@ class SINGD(StockSINGD):
         self._deferred.poll()
         ok = self._gradients_ok(getattr(self, "found_inf", None))
         if is_distributed():
-            for group_idx, bank in self._banks:
-                loss_average = self.param_groups[group_idx]["loss_average"]
-                all_reduce_flat([bank.stats], dist.ReduceOp.AVG if loss_average else dist.ReduceOp.SUM)
+            for _, bank in self._banks:  # G shares of a summed loss were scaled by W (see above)
+                all_reduce_flat([bank.stats], dist.ReduceOp.AVG)
         for group_idx, bank in self._banks:
             self._update_bank(group_idx, bank, ok)
         self._update_layers(ok)
@@ -625,7 +626,7 @@ class SINGD(StockSINGD):
                     steps.append(p.grad.clone())  # the update works in place on its steps
             if params:  # one foreach update for the whole group
                 if is_distributed():
-                    all_reduce_flat(steps, dist.ReduceOp.AVG if group["loss_average"] else dist.ReduceOp.SUM)
+                    reduce_gradients_(steps, group["loss_average"] is not None, self._capture.ddp_synced)
                 apply_updates_([p.data for p in params], steps, momentum_buffers(self.state, params, group["momentum"]),
                                workspaces=self._natural_gradient_workspace.in_use(), **hyper)
                 self._natural_gradient_workspace.reset()

@@ -51,25 +51,32 @@ def check_model(model: Any) -> None:
         )
 
 
-def unwrap_compiled(model: Any) -> Any:
-    """The module a ``torch.compile`` wrapper runs (its layers' names lose ``_orig_mod.``,
-    so states load into the uncompiled model and back); other models unchanged."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else model
-
-
-def reject_wrappers(model: Any) -> None:
-    """TypeError for DataParallel/DistributedDataParallel wrappers (the optimizers all-reduce
-    gradients and statistics themselves; a layer run inside DDP later is caught by the hooks)."""
+def unwrap_model(model: Any) -> Any:
+    """The module whose layers the optimizer hooks: inside a ``torch.compile`` wrapper (its
+    layers' names lose ``_orig_mod.``) and a ``DistributedDataParallel`` wrapper (they lose
+    ``module.``), so states move between wrapped and plain models. DataParallel and
+    FullyShardedDataParallel are rejected with what to use instead."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    if isinstance(model, (DataParallel, DistributedDataParallel)):
+    for _ in range(3):  # compile(DDP(model)), DDP(compile(model)), ...
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = inner
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+    if isinstance(model, DataParallel):
         raise TypeError(
-            f"{type(model).__name__} wrappers are not supported: kfac_tn's optimizers all-reduce "
-            "gradients and curvature statistics themselves. Build the optimizer on the plain model "
-            "and train it unwrapped: every process holds a replica, runs model(x_shard), "
-            "loss.backward() and opt.step(); the result equals one process on the concatenated batch."
+            "DataParallel is not supported (its per-forward replicas bypass the optimizer's hooks): "
+            "use DistributedDataParallel (one process per GPU), or the plain model with every process "
+            "holding a replica."
         )
+    if type(model).__name__ == "FullyShardedDataParallel" or hasattr(model, "_fsdp_wrapped_module"):
+        raise TypeError(
+            "FullyShardedDataParallel is not supported: its sharded, flattened parameters have no "
+            "layer shapes to precondition. Use DistributedDataParallel or the plain model (every "
+            "process holds a replica; the optimizer all-reduces statistics)."
+        )
+    return model
 
 
 def check_layout(name: str, module: Any, expected: tuple) -> None:
