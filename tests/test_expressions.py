@@ -101,8 +101,8 @@ def test_expression_shape_errors():
 @settings(max_examples=60, deadline=None)
 def test_both_kfc_methods_match_unfold_reference(case):
     """The cost model picks one evaluation per shape; each must be exact everywhere."""
-    from kfac_tn.tensor_network.averaged_unfold import averaged_unfold
-    from kfac_tn.tensor_network.kfc import kfc_factor
+    from kfac_tn.kernels.averaged_input import averaged_unfolded_input
+    from kfac_tn.kernels.kfc import kfc_factor
 
     layer, x = case
     xp, dims, G = _setup(layer, x)
@@ -114,12 +114,12 @@ def test_both_kfc_methods_match_unfold_reference(case):
         layer.bias = bias
     for method in ("shift", "unfold"):
         torch.testing.assert_close(kfc_factor(xp, dims, G, method), ref)
-    ubar = averaged_unfold(xp.unflatten(1, (G, -1)).flatten(0, 1), dims).reshape(x.shape[0], G, -1)
+    ubar = averaged_unfolded_input(xp.unflatten(1, (G, -1)).flatten(0, 1), dims).reshape(x.shape[0], G, -1)
     torch.testing.assert_close(torch.einsum("ngi,ngj->gij", ubar, ubar) / x.shape[0], ref_reduce)
 
 
 def test_kfc_method_is_validated():
-    from kfac_tn.tensor_network.kfc import kfc_factor
+    from kfac_tn.kernels.kfc import kfc_factor
 
     with pytest.raises(ValueError, match="Unknown KFC method 'fast'"):
         kfc_factor(torch.randn(2, 3, 5), conv_dims((5,), 3), method="fast")

@@ -271,7 +271,7 @@ def test_grad_output_blocks_with_an_uneven_last_chunk(approx):
 
 def test_block_statistics_from_a_nan_filled_workspace_on_a_strided_transposed_conv():
     """A reused unfolding buffer must be zeroed where strided writes leave holes."""
-    from kfac_tn.tensor_network.workspace import Workspace
+    from kfac_tn.runtime.workspace import Workspace
 
     torch.manual_seed(0)
     layer = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1).double()

@@ -2,8 +2,8 @@
 
 import torch
 
-from kfac_tn.tensor_network.unfold_gram import unfolded_feature_chunks
-from kfac_tn.tensor_network.workspace import Workspace
+from kfac_tn.kernels.unfold_gram import unfolded_feature_chunks
+from kfac_tn.runtime.workspace import Workspace
 
 
 def test_views_survive_growth_and_reset_reuses_memory():

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from kfac_tn.factors.layers import check_approx, check_layer, check_output, layer_groups
-from kfac_tn.tensor_network.block_gram import block_gram
-from kfac_tn.tensor_network.chunking import batch_chunk
-from kfac_tn.tensor_network.workspace import Workspace
+from kfac_tn.kernels.block_gram import block_gram
+from kfac_tn.runtime.chunking import batch_chunk
+from kfac_tn.runtime.workspace import Workspace
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 

@@ -26,18 +26,18 @@ from kfac_tn.factors.layers import (
     conv_input,
     layer_groups,
 )
-from kfac_tn.tensor_network.averaged_unfold import averaged_unfold
-from kfac_tn.tensor_network.block_gram import block_gram
-from kfac_tn.tensor_network.chunking import batch_chunk
+from kfac_tn.kernels.averaged_input import averaged_unfolded_input
+from kfac_tn.kernels.block_gram import block_gram
+from kfac_tn.runtime.chunking import batch_chunk
 from kfac_tn.tensor_network.geometry import ConvDim
-from kfac_tn.tensor_network.kfc import kfc_factor
-from kfac_tn.tensor_network.routes import launch_bound
-from kfac_tn.tensor_network.unfold_gram import (
+from kfac_tn.kernels.kfc import kfc_factor
+from kfac_tn.runtime.routes import launch_bound
+from kfac_tn.kernels.unfold_gram import (
     unfolded_feature_chunks,
     unfolded_row_chunks,
     unfolded_rows,
 )
-from kfac_tn.tensor_network.workspace import Workspace
+from kfac_tn.runtime.workspace import Workspace
 
 
 def _with_bias(core: Tensor, mean_row: Tensor) -> Tensor:
@@ -99,7 +99,7 @@ def _averaged_unfold_of_square(x: Tensor, dims: tuple[ConvDim, ...], chunk_bytes
         for part in x.split(chunk):
             summed = torch.mul(part, part, out=buffer[: part.shape[0]]).sum(0, keepdim=True)
             square = summed if square is None else square.add_(summed)
-    return averaged_unfold(square, dims).flatten()
+    return averaged_unfolded_input(square, dims).flatten()
 
 
 def _validate(layer: nn.Module, approx: str) -> None:
@@ -139,8 +139,8 @@ def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand", group_aver
         core = kfc_factor(x, dims, G)
         if not bias:
             return core
-        return _with_bias(core, averaged_unfold(x, dims).reshape(N, G, -1).mean(0))
-    u = averaged_unfold(x, dims).reshape(N, G, -1)
+        return _with_bias(core, averaged_unfolded_input(x, dims).reshape(N, G, -1).mean(0))
+    u = averaged_unfolded_input(x, dims).reshape(N, G, -1)
     if bias:
         u = _append_ones(u)
     return torch.einsum("ngi,ngj->gij", u, u).div_(N)
@@ -159,7 +159,7 @@ def input_rows(layer: nn.Module, x: Tensor, approx: str = "expand", group_averag
     else:
         x, dims, G = _conv_setup(layer, x, group_average)
         if approx == "reduce":
-            rows = averaged_unfold(x, dims).reshape(x.shape[0], G, -1).transpose(0, 1)
+            rows = averaged_unfolded_input(x, dims).reshape(x.shape[0], G, -1).transpose(0, 1)
         else:
             rows = unfolded_rows(x, dims, G)
     if bias:
@@ -220,7 +220,7 @@ def input_factor_diagonal_sum(
     N = x.shape[0]
     if approx == "expand":
         return _averaged_unfold_of_square(x, dims).reshape(G, -1), 1.0 / N
-    return torch.linalg.vector_norm(averaged_unfold(x, dims).reshape(N, G, -1), dim=0).square_(), 1.0 / N
+    return torch.linalg.vector_norm(averaged_unfolded_input(x, dims).reshape(N, G, -1), dim=0).square_(), 1.0 / N
 
 
 def input_factor_blocks(
@@ -250,7 +250,7 @@ def input_factor_blocks(
     x, dims, G = _conv_setup(layer, x, group_average)
     N = x.shape[0]
     if approx == "reduce":
-        u = averaged_unfold(x, dims).reshape(N, G, -1).permute(1, 2, 0)  # [G, D, N]
+        u = averaged_unfolded_input(x, dims).reshape(N, G, -1).permute(1, 2, 0)  # [G, D, N]
         blocks, last = block_gram(u, block, bias)
         return blocks.div_(N), last.div_(N)
     blocks = last = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kfac_tn.tensor_network.routes import launch_bound
+from kfac_tn.runtime.routes import launch_bound
 
 
 def mask_steps_(steps: list[Tensor], ok: Tensor, flats: list[Tensor] = ()) -> list[Tensor]:

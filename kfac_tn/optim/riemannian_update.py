@@ -25,8 +25,8 @@ from torch import Tensor
 
 from kfac_tn.optim.symmetric_sum import SymmetricSum
 from kfac_tn.optim.structured_products import right_multiply_update_, symmetric_addmm_
-from kfac_tn.tensor_network.routes import launch_bound
-from kfac_tn.tensor_network.workspace import Workspace
+from kfac_tn.runtime.routes import launch_bound
+from kfac_tn.runtime.workspace import Workspace
 
 
 def trace_inner(M: StructuredMatrix) -> Tensor:

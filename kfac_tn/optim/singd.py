@@ -103,7 +103,7 @@ from kfac_tn.optim.validation import (
     unwrap_model,
 )
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks, num_blocks
-from kfac_tn.tensor_network.workspace import Workspace
+from kfac_tn.runtime.workspace import Workspace
 
 GROUPED_CONV = ("exact", "average")
 NATURAL_GRADIENT_CACHE = ("memory", "time", "none")

@@ -3,7 +3,7 @@
 ``KᵀK``, ``Kᵀ X Xᵀ K``, ``Kᵀ A K`` and ``K Kᵀ`` are symmetric. For dense matrices on a
 CPU only the lower block triangle is computed (recursively, down to blocks of ~256),
 which takes ~56% of a plain GEMM's time for d = 4608 on 2 CPU cores; on accelerators
-one GEMM (see :mod:`kfac_tn.tensor_network.routes`). :func:`left_multiply`
+one GEMM (see :mod:`kfac_tn.runtime.routes`). :func:`left_multiply`
 and :func:`right_multiply` apply dense matrices by one GEMM and block-diagonal ones by
 one batched GEMM over their blocks (instead of singd's split/rearrange/einsum/
 concatenate), writing into a reusable workspace; other structures use singd's own
@@ -18,8 +18,8 @@ from singd.structures.blockdiagonal import BlockDiagonalMatrixTemplate
 from singd.structures.dense import DenseMatrix
 from torch import Tensor
 
-from kfac_tn.tensor_network.routes import launch_bound
-from kfac_tn.tensor_network.workspace import Workspace
+from kfac_tn.runtime.routes import launch_bound
+from kfac_tn.runtime.workspace import Workspace
 
 #: below this size a plain GEMM is as fast as splitting it
 MIN_SPLIT = 256

@@ -1,4 +1,7 @@
-"""Pure tensor-network math: index patterns, einsum expressions, simplification, contraction."""
+"""The tensor networks that define every quantity (Dangel, NeurIPS 2024): index patterns
+Π, Π̄, einsum expressions of convolutions, their VJPs, unfold, KFC and KFAC-reduce,
+symbolic simplification and a generic, cached contraction. They are the definition and
+the tests' oracle; :mod:`kfac_tn.kernels` evaluates the factors' networks faster."""
 
 from kfac_tn.tensor_network import expressions
 from kfac_tn.tensor_network.contraction import contract, equation

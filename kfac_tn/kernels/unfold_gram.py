@@ -1,5 +1,9 @@
 """KFAC-expand input factor as the Gram matrix of an explicitly unfolded input, in chunks.
 
+Evaluates the networks :func:`kfac_tn.tensor_network.expressions.kfc` (the Gram) and
+:func:`~kfac_tn.tensor_network.expressions.unfold` (the rows, one batch chunk at a time:
+at most ``chunk_bytes`` of unfolded input exist at once).
+
 The unfolded input ``u[n, o.., (k.., c)]`` of a batch chunk is written tap by tap from
 slices of the input (padding and the zeros of transposed convolutions are never
 materialized in the input, only left as zeros in the buffer), then ``uᵀu`` is one GEMM
@@ -17,10 +21,10 @@ from math import prod
 import torch
 from torch import Tensor
 
-from kfac_tn.tensor_network.chunking import batch_chunk
+from kfac_tn.runtime.chunking import batch_chunk
 from kfac_tn.tensor_network.geometry import ConvDim
-from kfac_tn.tensor_network.routes import launch_bound
-from kfac_tn.tensor_network.workspace import Workspace
+from kfac_tn.runtime.routes import launch_bound
+from kfac_tn.runtime.workspace import Workspace
 
 
 @lru_cache(maxsize=512)

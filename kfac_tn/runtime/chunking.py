@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kfac_tn.tensor_network.routes import launch_bound
+from kfac_tn.runtime.routes import launch_bound
 
 #: minimum bytes of temporaries per chunk on accelerators (CUDA and others)
 ACCELERATOR_CHUNK_BYTES = 2**26

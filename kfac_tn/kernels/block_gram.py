@@ -1,5 +1,8 @@
 """Diagonal blocks of a Gram matrix ``X Xᵀ``, without the rest of it.
 
+Evaluates the diagonal blocks of :func:`kfac_tn.tensor_network.expressions.kfc` (rows
+from the unfold network, in batch chunks) or of the KFAC-reduce factor.
+
 Block-diagonal pre-conditioner structures (singd's ``Block{B}DiagonalMatrix``) only read
 the ``B × B`` diagonal blocks of a Kronecker factor. For feature-major rows ``X``
 ``[G, D, M]`` those are ``D // B`` GEMMs of ``B × M × B``, batched, plus one for the

@@ -1,5 +1,7 @@
 """Unfolded input averaged over output positions, ``ū = x ×_j Π̄_j``, layout-friendly.
 
+Evaluates the network :func:`kfac_tn.tensor_network.expressions.averaged_unfold`.
+
 Evaluates ``n c i1..iN, k1 i1, …, kN iN -> n c k1..kN`` (the KFAC-reduce network
 before its outer product) one spatial dimension at a time from the last to the first,
 so that every step is a matrix product on a view: the input is read once and never
@@ -17,7 +19,7 @@ from kfac_tn.tensor_network.contraction import pattern_tensor
 from kfac_tn.tensor_network.geometry import ConvDim
 
 
-def averaged_unfold(x: Tensor, dims: Sequence[ConvDim]) -> Tensor:
+def averaged_unfolded_input(x: Tensor, dims: Sequence[ConvDim]) -> Tensor:
     """ū of shape ``[N, C, K1, …, KN]`` for input ``x`` of shape ``[N, C, I1, …, IN]``."""
     n = len(dims)
     lead = x.shape[: x.dim() - n]

@@ -1,5 +1,7 @@
 """KFAC-expand (KFC) input factor: pick the cheaper of two exact evaluations per shape.
 
+Evaluates the network :func:`kfac_tn.tensor_network.expressions.kfc`.
+
 Both evaluate the KFC network ``n g c i.., Π.., n g c_ i_.., Π.. -> g (c k..) (c_ k_..)``
 exactly; they differ in cost. :mod:`shift_gram` needs a channel Gram per distinct
 (phase, offset) of tap pairs and wins when tap windows overlap and there are many
@@ -16,9 +18,9 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from kfac_tn.tensor_network.geometry import ConvDim
-from kfac_tn.tensor_network.routes import launch_bound
-from kfac_tn.tensor_network.shift_gram import shift_gram_cost, shift_gram_kfc
-from kfac_tn.tensor_network.unfold_gram import unfold_gram_cost, unfold_gram_kfc
+from kfac_tn.runtime.routes import launch_bound
+from kfac_tn.kernels.shift_gram import shift_gram_cost, shift_gram_kfc
+from kfac_tn.kernels.unfold_gram import unfold_gram_cost, unfold_gram_kfc
 
 #: seconds per copied element and per multiply-add (ratio measured on 2 CPU cores)
 COPY_COST, MAC_COST = 1.0e-9, 2.0e-11

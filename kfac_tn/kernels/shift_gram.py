@@ -1,5 +1,7 @@
 """KFAC-expand (KFC) input factor as Gram matrices of shifted input windows.
 
+Evaluates the network :func:`kfac_tn.tensor_network.expressions.kfc`.
+
 The KFC network ``n c i.., Π(k,o,i).., n c_ i_.., Π(k_,o,i_).. -> (c k..) (c_ k_..)``
 pairs, per output position, the input read by tap ``k`` with the one read by tap
 ``k_``. Along one dimension those two inputs are a fixed offset δ apart, and all
@@ -23,7 +25,7 @@ from math import prod
 import torch
 from torch import Tensor
 
-from kfac_tn.tensor_network.chunking import batch_chunk
+from kfac_tn.runtime.chunking import batch_chunk
 from kfac_tn.tensor_network.geometry import ConvDim
 
 
