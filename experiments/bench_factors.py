@@ -1,4 +1,5 @@
-"""Benchmark KFAC input factors: kfac_tn vs F.unfold-based vs singd 0.0.5.
+"""Benchmark KFAC input factors: kfac_tn's kernels vs the generic evaluation of their
+tensor network vs F.unfold-based vs singd 0.0.5.
 
 Cases: the distinct convolutions of CIFAR ResNet18 and VGG19 (batch 32, 32×32
 images), ConvNeXt-base's stem and first depthwise 7×7 convolution for a
@@ -51,7 +52,7 @@ CASES = {
     "vgg19_c10": (512, 512, 3, 1, 1, 1, (32, 512, 4, 4)),
     "vgg19_c13": (512, 512, 3, 1, 1, 1, (32, 512, 2, 2)),
 }
-IMPLEMENTATIONS = ("kfac_tn", "unfold", "singd")
+IMPLEMENTATIONS = ("kfac_tn", "network", "unfold", "singd")
 APPROXIMATIONS = ("reduce", "expand")
 
 
@@ -63,6 +64,12 @@ def _factor_fn(impl: str, approx: str, layer, x):
         import kfac_tn
 
         return lambda: kfac_tn.input_factor(layer, x, approx)
+    if impl == "network":  # the generic evaluation of the defining tensor network (opt_einsum, cached)
+        from kfac_tn.tensor_network import contract, expressions, layer_conv_dims
+
+        dims = layer_conv_dims(layer, x.shape)
+        network = expressions.kfc if approx == "expand" else expressions.kfac_reduce
+        return lambda: contract(network(x, dims, layer.groups))
     if impl == "unfold":
         G = layer.groups
 

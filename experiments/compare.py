@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.config import ConfigError, apply_overrides, check_keys, load_yaml  # noqa: E402
+from experiments.optimizers import HYPERPARAMETER_TYPES, OPTIMIZERS, optimizer_arguments  # noqa: E402
 from experiments.reporting import write_rows  # noqa: E402
 
 TOP_KEYS = {
@@ -33,12 +34,7 @@ TOP_KEYS = {
     "steps": int, "threads": int, "device": str, "seed": int, "common": dict, "runs": list,
     "out": str, "repeats": int,
 }
-RUN_KEYS = {
-    "optimizer": str, "label": str, "steps": int, "lr": (int, float), "momentum": (int, float),
-    "damping": (int, float), "alpha1": (int, float), "weight_decay": (int, float), "T": int,
-    "loss_average": str, "lr_cov": (int, float), "structures": list, "kfac_approx": str,
-    "kfac_like": bool, "normalize_lr_cov": bool, "grouped_conv": str, "natural_gradient_cache": str,
-}
+RUN_KEYS = {"optimizer": str, "label": str, "steps": int, **HYPERPARAMETER_TYPES}
 
 
 def load_config(path: str, overrides: list[str]) -> dict:
@@ -48,18 +44,22 @@ def load_config(path: str, overrides: list[str]) -> dict:
         if not config.get(key):
             raise ConfigError(f"config.{key} must be a non-empty list.")
     from experiments.models import MODELS
-    from experiments.optimizers import OPTIMIZERS
 
     for model in config["models"]:
         if model not in MODELS:
             raise ConfigError(f"config.models has unknown model {model!r}; available: {sorted(MODELS)}.")
-    check_keys(config.get("common", {}), RUN_KEYS, "config.common")
+    check_keys(config.get("common", {}), HYPERPARAMETER_TYPES, "config.common")
     for i, run in enumerate(config["runs"]):
         if not isinstance(run, dict) or "optimizer" not in run:
             raise ConfigError(f"config.runs[{i}] must be a mapping with an 'optimizer' key.")
         check_keys(run, RUN_KEYS, f"config.runs[{i}]")
         if run["optimizer"] not in OPTIMIZERS:
             raise ConfigError(f"config.runs[{i}].optimizer {run['optimizer']!r} is unknown; use one of {OPTIMIZERS}.")
+        takes = optimizer_arguments(run["optimizer"])
+        for key in run:
+            if key not in ("optimizer", "label", "steps") and key not in takes:
+                raise ConfigError(f"config.runs[{i}].{key} is not an argument of {run['optimizer']}; "
+                                  f"it takes {sorted(takes)}.")
     for key in ("batch_size", "steps", "image_size", "num_classes"):
         if key in config and config[key] < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}.")
@@ -83,13 +83,20 @@ def _label(run: dict) -> str:
 
 
 def _state_mib(optimizer) -> float:
-    main = optimizer.main
-    total = 0
+    """Persistent preconditioner state: SINGD's K, C and momenta; KFAC's factors and inverses."""
+    tensors = [t for s in getattr(optimizer, "kfac_state", {}).values() for t in s.values()]
     for attr in ("Ks", "Cs", "m_Ks", "m_Cs"):
-        for value in getattr(main, attr, {}).values():
+        for value in getattr(optimizer, attr, {}).values():
             for matrix in value if isinstance(value, list) else [value]:
-                total += sum(t.numel() * t.element_size() for _, t in matrix.named_tensors())
-    return total / 2**20
+                tensors += [t for _, t in matrix.named_tensors()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def hyperparameters(config: dict, run: dict) -> dict:
+    """The run's optimizer arguments: ``common`` keys its optimizer takes, then its own."""
+    takes = optimizer_arguments(run["optimizer"])
+    common = {k: v for k, v in config.get("common", {}).items() if k in takes}
+    return {**common, **{k: v for k, v in run.items() if k not in ("optimizer", "label", "steps")}}
 
 
 def worker(config: dict, model_name: str, run: dict) -> dict:
@@ -97,7 +104,7 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
 
     import torch
 
-    from experiments.measure import _status_kib
+    from experiments.measure import current_bytes, peak_bytes, reset_peak, timed
     from experiments.models import build_model
     from experiments.optimizers import build_optimizer
 
@@ -109,18 +116,8 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
     model = build_model(model_name, num_classes=classes).to(device)
     X = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
-    hyper = {**config.get("common", {}), **{k: v for k, v in run.items() if k not in ("optimizer", "label", "steps")}}
-    if run["optimizer"] == "sgd":
-        hyper = {k: v for k, v in hyper.items() if k in ("lr", "momentum", "weight_decay")}
-    if run["optimizer"] == "singd_stock":
-        hyper.pop("grouped_conv", None)
-        hyper.pop("natural_gradient_cache", None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _status_kib("VmRSS") * 1024
-    optimizer = build_optimizer(model, run["optimizer"], **hyper)
+    base = current_bytes(device)
+    optimizer = build_optimizer(model, run["optimizer"], **hyperparameters(config, run))
 
     def step():
         optimizer.zero_grad()
@@ -129,26 +126,14 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
 
     for _ in range(config.get("warmup", 1)):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    times = []
-    for _ in range(run.get("steps", config.get("steps", 10))):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") * 1024
+    reset_peak(device)
+    times = [timed(step, device)[0] for _ in range(run.get("steps", config.get("steps", 10)))]
     return {
         "model": model_name, "optimizer": _label(run), "kind": run["optimizer"], "setting": _setting(run),
         "device": device.type, "batch_size": batch,
         "median_s": statistics.median(times), "mean_s": statistics.fmean(times),
-        "peak_extra_mib": (peak - base) / 2**20,
-        "state_mib": _state_mib(optimizer) if run["optimizer"] != "sgd" else 0.0,
+        "peak_extra_mib": (peak_bytes(device) - base) / 2**20,
+        "state_mib": _state_mib(optimizer.main) if run["optimizer"] != "sgd" else 0.0,
     }
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.train import load_config, train  # noqa: E402
 
-DEFAULT = [ROOT / "configs" / f"train_small_cnn_{name}_digits.yaml" for name in ("sgd", "singd_stock", "singd_tn", "kfac_tn")]
+DEFAULT = [ROOT / "configs" / f"train_small_cnn_{name}_digits.yaml" for name in ("sgd", "singd_stock", "singd_tn", "kfac")]
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Build an optimizer by name; parameters it cannot precondition go to a fallback SGD.
 
 Names: ``sgd``, ``singd_stock`` (singd 0.0.5), ``singd_tn`` (kfac_tn.SINGD) and
-``kfac_tn`` (kfac_tn.KFAC, when available). BatchNorm and any other parameters of
+``kfac`` (kfac_tn.KFAC). BatchNorm and any other parameters of
 layers without Kronecker factors are trained by ``torch.optim.SGD`` with the same
 ``lr``, ``momentum`` and ``weight_decay`` (the *fallback*, documented in the README).
 """
@@ -13,7 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-OPTIMIZERS = ("sgd", "singd_stock", "singd_tn", "kfac_tn")
+OPTIMIZERS = ("sgd", "singd_stock", "singd_tn", "kfac")
+#: the type of every optimizer argument an experiment config may set (the one schema of the
+#: training and comparison configs); which ones an optimizer takes: :func:`optimizer_arguments`
+HYPERPARAMETER_TYPES = {
+    "lr": (int, float), "momentum": (int, float), "weight_decay": (int, float), "damping": (int, float),
+    "alpha1": (int, float), "T": int, "loss_average": str, "lr_cov": (int, float), "structures": list,
+    "kfac_approx": str, "kfac_like": bool, "normalize_lr_cov": bool, "init_grad_scale": (int, float),
+    "grouped_conv": str, "natural_gradient_cache": str, "update_worker_fraction": (int, float),
+    "ema_decay": (int, float), "pi_damping": bool, "factor_update_freq": int, "inverse_update_freq": int,
+    "inverse_method": str, "kl_clip": (int, float),
+}
 
 
 class Combined:

@@ -32,20 +32,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 from experiments.config import ConfigError, apply_overrides, check_keys, load_yaml  # noqa: E402
 from experiments.data import DATASETS, DataError, load_data  # noqa: E402
 from experiments.models import MODELS, build_model  # noqa: E402
-from experiments.optimizers import OPTIMIZERS, build_optimizer, optimizer_arguments  # noqa: E402
+from experiments.optimizers import HYPERPARAMETER_TYPES, OPTIMIZERS, build_optimizer, optimizer_arguments  # noqa: E402
 
 TOP = {"model": str, "data": dict, "optimizer": dict, "training": dict, "output": dict}
 DATA = {"name": str, "data_dir": str, "image_size": int, "num_classes": int, "n_train": int, "n_test": int}
 TRAINING = {"epochs": int, "batch_size": int, "seed": int, "device": str, "amp": bool,
             "max_steps_per_epoch": int, "threads": int}
 OUTPUT = {"dir": str, "checkpoint_every": int}
-OPTIMIZER = {"name": str, "lr": (int, float), "momentum": (int, float), "damping": (int, float),
-             "alpha1": (int, float), "weight_decay": (int, float), "T": int, "loss_average": str,
-             "lr_cov": (int, float), "structures": list, "kfac_approx": str, "kfac_like": bool,
-             "normalize_lr_cov": bool, "grouped_conv": str, "natural_gradient_cache": str,
-             "init_grad_scale": (int, float), "ema_decay": (int, float), "pi_damping": bool,
-             "factor_update_freq": int, "inverse_update_freq": int, "inverse_method": str,
-             "kl_clip": (int, float)}
+OPTIMIZER = {"name": str, **HYPERPARAMETER_TYPES}
 
 
 def load_config(path: str, overrides: list[str]) -> dict:

@@ -38,15 +38,15 @@ def _per_position(layer: nn.Module, grad_output: Tensor) -> Tensor:
 def _summands(
     layer: nn.Module, grad_output: Tensor, approx: str, loss_average: str | None, group_average: bool
 ) -> tuple[Tensor, int, float]:
-    """``(g, G, c)``: ``g`` ``[B, P, G·D]`` per position (reduce: P = 1, summed over
-    positions), the number of blocks ``G`` and the loss-average scale ``c``."""
+    """``(g, groups, c)``: ``g`` ``[B, P, groups·D]`` per position (reduce: P = 1, summed over
+    positions), the number of blocks ``groups`` and the loss-average scale ``c``."""
     _check(layer, grad_output, approx, loss_average)
-    G = 1 if group_average else layer_groups(layer)
-    g = _per_position(layer, grad_output)  # [B, P, G·D]
+    groups = 1 if group_average else layer_groups(layer)
+    g = _per_position(layer, grad_output)  # [B, P, groups·D]
     scale = _scale(loss_average, g.shape[0], g.shape[1])
     if approx == "reduce":
         g = g.sum(1, keepdim=True)
-    return g, G, scale
+    return g, groups, scale
 
 
 def grad_output_rows(
@@ -56,15 +56,15 @@ def grad_output_rows(
     loss_average: str | None = "batch",
     group_average: bool = False,
 ) -> Tensor:
-    """``Y`` of shape ``[G, R, D]`` with ``Yᵀ Y`` = :func:`grad_output_factor`.
+    """``Y`` of shape ``[groups, R, D]`` with ``Yᵀ Y`` = :func:`grad_output_factor`.
 
     Expand: R = B·P rows (one per sample and position); reduce: R = B rows, each
     the sum of the gradient over positions. Scaled by ``sqrt(c)``, see
     :func:`grad_output_factor`. ``group_average=True`` keeps all output channels in
     one block (singd's convention for grouped convolutions).
     """
-    g, G, scale = _summands(layer, grad_output, approx, loss_average, group_average)
-    g = g.flatten(0, 1).unflatten(1, (G, -1)).transpose(0, 1)  # [G, R, D]
+    g, groups, scale = _summands(layer, grad_output, approx, loss_average, group_average)
+    g = g.flatten(0, 1).unflatten(1, (groups, -1)).transpose(0, 1)  # [groups, R, D]
     return g * sqrt(scale)
 
 
@@ -89,7 +89,7 @@ def grad_output_factor(
         group_average: one block over all output channels instead of one per group.
 
     Returns:
-        ``[G, D, D]``, one block per channel group, ``D = C_out / G``.
+        ``[groups, D, D]``, one block per channel group, ``D = C_out / groups``.
     """
     rows = grad_output_rows(layer, grad_output, approx, loss_average, group_average)
     return torch.bmm(rows.transpose(1, 2), rows)
@@ -102,7 +102,7 @@ def grad_output_factor_diagonal(
     loss_average: str | None = "batch",
     group_average: bool = False,
 ) -> Tensor:
-    """``diag(G)`` of :func:`grad_output_factor`, ``[G, D]``, by reductions only (no copies)."""
+    """``diag(G)`` of :func:`grad_output_factor`, ``[groups, D]``, by reductions only (no copies)."""
     diag, scale = grad_output_factor_diagonal_sum(layer, grad_output, approx, loss_average, group_average)
     return diag.mul_(scale)
 
@@ -114,9 +114,9 @@ def grad_output_factor_diagonal_sum(
     loss_average: str | None = "batch",
     group_average: bool = False,
 ) -> tuple[Tensor, float]:
-    """``(S, s)`` with ``diag(G) = s · S`` ``[G, D]``, for callers that fold ``s`` into a later kernel."""
-    g, G, scale = _summands(layer, grad_output, approx, loss_average, group_average)
-    return torch.linalg.vector_norm(g, dim=(0, 1)).square_().reshape(G, -1), scale
+    """``(S, s)`` with ``diag(G) = s · S`` ``[groups, D]``, for callers that fold ``s`` into a later kernel."""
+    g, groups, scale = _summands(layer, grad_output, approx, loss_average, group_average)
+    return torch.linalg.vector_norm(g, dim=(0, 1)).square_().reshape(groups, -1), scale
 
 
 def grad_output_factor_blocks(
@@ -135,17 +135,17 @@ def grad_output_factor_blocks(
     ``chunk_bytes`` (in ``workspace`` if given), so the block Grams are long GEMMs.
 
     Returns:
-        ``(blocks, last)`` in singd's block-diagonal layout: ``[G, D // block, block,
-        block]`` and ``[G, D mod block, D mod block]``.
+        ``(blocks, last)`` in singd's block-diagonal layout: ``[groups, D // block, block,
+        block]`` and ``[groups, D mod block, D mod block]``.
     """
-    g, G, scale = _summands(layer, grad_output, approx, loss_average, group_average)
+    g, groups, scale = _summands(layer, grad_output, approx, loss_average, group_average)
     B, P, GD = g.shape
     chunk = batch_chunk(g, P * GD * g.element_size(), chunk_bytes)
     buffer = None if workspace is None else workspace.take((GD * chunk * P,), g)
     blocks = last = None
     for start in range(0, B, chunk):
-        part = g[start : start + chunk].permute(2, 0, 1)  # [G·D, n, P]
-        shape = (G, GD // G, part.shape[1] * P)
+        part = g[start : start + chunk].permute(2, 0, 1)  # [groups·D, n, P]
+        shape = (groups, GD // groups, part.shape[1] * P)
         if buffer is None:
             features = part.reshape(shape)
         else:

@@ -2,10 +2,10 @@
 
 Three views of the same factor, for the callers' different needs:
 
-- :func:`input_factor`: A itself, ``[G, d, d]``.
-- :func:`input_rows`: a matrix X with ``A = Xᵀ X`` (``[G, R, d]``); cheap when R is
+- :func:`input_factor`: A itself, ``[groups, d, d]``.
+- :func:`input_rows`: a matrix X with ``A = Xᵀ X`` (``[groups, R, d]``); cheap when R is
   small (reduce: R = batch size), so that ``Kᵀ A K`` can be formed as ``(X K)ᵀ (X K)``.
-- :func:`input_factor_diagonal`: ``diag(A)`` only, ``[G, d]``, at the cost of one
+- :func:`input_factor_diagonal`: ``diag(A)`` only, ``[groups, d]``, at the cost of one
   averaged unfold of ``x²`` (diagonal preconditioner structures need nothing else).
 - :func:`input_factor_blocks`: A's ``B × B`` diagonal blocks only (block-diagonal
   structures), from the unfolded input in feature-major chunks: ``d·B`` instead of
@@ -41,9 +41,9 @@ from kfac_tn.runtime.workspace import Workspace
 
 
 def _with_bias(core: Tensor, mean_row: Tensor) -> Tensor:
-    """``[[core, m], [mᵀ, 1]]`` per group; ``core`` ``[G, d, d]``, ``mean_row`` ``[G, d]``."""
-    G, d, _ = core.shape
-    out = core.new_empty(G, d + 1, d + 1)
+    """``[[core, m], [mᵀ, 1]]`` per group; ``core`` ``[groups, d, d]``, ``mean_row`` ``[groups, d]``."""
+    groups, d, _ = core.shape
+    out = core.new_empty(groups, d + 1, d + 1)
     out[:, :d, :d] = core
     out[:, :d, d] = mean_row
     out[:, d, :d] = mean_row
@@ -79,14 +79,14 @@ def _conv_setup(layer: nn.Module, x: Tensor, group_average: bool) -> tuple[Tenso
     shared block (singd's and curvlinops' convention for grouped convolutions).
     """
     x, dims = conv_input(layer, x)
-    G = layer_groups(layer)
-    if group_average and G > 1:
-        return x.unflatten(1, (G, -1)).mean(1), dims, 1
-    return x, dims, G
+    groups = layer_groups(layer)
+    if group_average and groups > 1:
+        return x.unflatten(1, (groups, -1)).mean(1), dims, 1
+    return x, dims, groups
 
 
 def _averaged_unfold_of_square(x: Tensor, dims: tuple[ConvDim, ...], chunk_bytes: int = 2**20) -> Tensor:
-    """``Σ_n ū(x²)[n]`` ``[G·C·K..]``: ū is linear, so the batch is summed first, then one
+    """``Σ_n ū(x²)[n]`` ``[groups·C·K..]``: ū is linear, so the batch is summed first, then one
     sample is contracted. Accelerators: one reduction kernel (``vector_norm`` over the
     batch); CPUs: squares of small batch chunks in a reused buffer, summed (a reduction
     over the outermost dimension is ~10× slower there)."""
@@ -120,8 +120,8 @@ def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand", group_aver
             one shared block (singd's convention) instead of one exact block per group.
 
     Returns:
-        ``[G, d, d]``, one exact block per channel group (G = 1 for Linear), with
-        ``d = C_in/G · K1·…·KN (+1 with bias)``. Rows are ordered ``(input channel,
+        ``[groups, d, d]``, one exact block per channel group (groups = 1 for Linear), with
+        ``d = C_in/groups · K1·…·KN (+1 with bias)``. Rows are ordered ``(input channel,
         k1, …, kN)`` like ``weight.flatten(1)`` of a convolution; for a transposed
         convolution like ``weight[g·C:(g+1)·C].transpose(0, 1).flatten(1)`` of group g.
         The bias row/column, if any, is last. Non-zero padding modes give the factor of
@@ -133,21 +133,21 @@ def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand", group_aver
         rows = _linear_rows(layer, x, approx)
         core = (rows.T @ rows).div_(rows.shape[0]).unsqueeze(0)
         return _with_bias(core, rows.mean(0).unsqueeze(0)) if bias else core
-    x, dims, G = _conv_setup(layer, x, group_average)
+    x, dims, groups = _conv_setup(layer, x, group_average)
     N = x.shape[0]
     if approx == "expand":
-        core = kfc_factor(x, dims, G)
+        core = kfc_factor(x, dims, groups)
         if not bias:
             return core
-        return _with_bias(core, averaged_unfolded_input(x, dims).reshape(N, G, -1).mean(0))
-    u = averaged_unfolded_input(x, dims).reshape(N, G, -1)
+        return _with_bias(core, averaged_unfolded_input(x, dims).reshape(N, groups, -1).mean(0))
+    u = averaged_unfolded_input(x, dims).reshape(N, groups, -1)
     if bias:
         u = _append_ones(u)
     return torch.einsum("ngi,ngj->gij", u, u).div_(N)
 
 
 def input_rows(layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False) -> Tensor:
-    """``X`` of shape ``[G, R, d]`` with ``Xᵀ X`` = :func:`input_factor`.
+    """``X`` of shape ``[groups, R, d]`` with ``Xᵀ X`` = :func:`input_factor`.
 
     Reduce: R = B rows ``ū / sqrt(B)``. Expand: R = B·P unfolded rows ``u / sqrt(B·P)``
     (the unfolded input: only worth it when R is small compared with d).
@@ -157,11 +157,11 @@ def input_rows(layer: nn.Module, x: Tensor, approx: str = "expand", group_averag
     if isinstance(layer, nn.Linear):
         rows = _linear_rows(layer, x, approx).unsqueeze(0)
     else:
-        x, dims, G = _conv_setup(layer, x, group_average)
+        x, dims, groups = _conv_setup(layer, x, group_average)
         if approx == "reduce":
-            rows = averaged_unfolded_input(x, dims).reshape(x.shape[0], G, -1).transpose(0, 1)
+            rows = averaged_unfolded_input(x, dims).reshape(x.shape[0], groups, -1).transpose(0, 1)
         else:
-            rows = unfolded_rows(x, dims, G)
+            rows = unfolded_rows(x, dims, groups)
     if bias:
         rows = _append_ones(rows)
     return rows / sqrt(rows.shape[1])  # out of place: rows may be a view of the caller's input
@@ -170,7 +170,7 @@ def input_rows(layer: nn.Module, x: Tensor, approx: str = "expand", group_averag
 def input_row_chunks(
     layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False, chunk_bytes: int = 2**22
 ) -> Iterator[Tensor]:
-    """:func:`input_rows` in pieces ``[G, r, d]`` of about ``chunk_bytes`` of unfolded input.
+    """:func:`input_rows` in pieces ``[groups, r, d]`` of about ``chunk_bytes`` of unfolded input.
 
     ``Σ_pieces Xᵀ X`` = :func:`input_factor`, so consumers that are additive over rows
     (e.g. ``Kᵀ Xᵀ X K``) never hold the whole unfolded input. Expand convolutions only
@@ -180,9 +180,9 @@ def input_row_chunks(
         yield input_rows(layer, x, approx, group_average)
         return
     _validate(layer, approx)
-    x, dims, G = _conv_setup(layer, x, group_average)
+    x, dims, groups = _conv_setup(layer, x, group_average)
     scale = 1.0 / sqrt(x.shape[0] * prod(d.output_size for d in dims))
-    for rows in unfolded_row_chunks(x, dims, G, chunk_bytes):
+    for rows in unfolded_row_chunks(x, dims, groups, chunk_bytes):
         if layer.bias is not None:
             rows = _append_ones(rows)
         yield rows.mul_(scale)
@@ -191,7 +191,7 @@ def input_row_chunks(
 def input_factor_diagonal(
     layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False
 ) -> Tensor:
-    """``diag(A)`` of :func:`input_factor`, shape ``[G, d]``, without forming A.
+    """``diag(A)`` of :func:`input_factor`, shape ``[groups, d]``, without forming A.
 
     Expand: ``diag(A)[c, k] = 1/B Σ_b ū(x²)[b, c, k]`` (Σ_o Π = O·Π̄); reduce: the mean
     of ``ū²`` over the batch. The bias entry (last, if any) is 1.
@@ -204,7 +204,7 @@ def input_factor_diagonal(
 def input_factor_diagonal_sum(
     layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False
 ) -> tuple[Tensor, float]:
-    """``(S, s)`` with ``diag(A)[:, :d_w] = s · S`` ``[G, d_w]``, the weight entries only.
+    """``(S, s)`` with ``diag(A)[:, :d_w] = s · S`` ``[groups, d_w]``, the weight entries only.
 
     For callers that fold the scale ``s`` (and the bias entry, always 1) into a later
     kernel, e.g. an ``addcmul_`` into an accumulator: one launch less per layer.
@@ -216,11 +216,11 @@ def input_factor_diagonal_sum(
         if approx == "expand":
             return torch.linalg.vector_norm(rows, dim=(0, 1)).square_().unsqueeze(0), 1.0 / (B * P)
         return rows.sum(1).square_().sum(0).unsqueeze(0), 1.0 / (B * P * P)
-    x, dims, G = _conv_setup(layer, x, group_average)
+    x, dims, groups = _conv_setup(layer, x, group_average)
     N = x.shape[0]
     if approx == "expand":
-        return _averaged_unfold_of_square(x, dims).reshape(G, -1), 1.0 / N
-    return torch.linalg.vector_norm(averaged_unfolded_input(x, dims).reshape(N, G, -1), dim=0).square_(), 1.0 / N
+        return _averaged_unfold_of_square(x, dims).reshape(groups, -1), 1.0 / N
+    return torch.linalg.vector_norm(averaged_unfolded_input(x, dims).reshape(N, groups, -1), dim=0).square_(), 1.0 / N
 
 
 def input_factor_blocks(
@@ -235,8 +235,8 @@ def input_factor_blocks(
     """The ``block × block`` diagonal blocks of :func:`input_factor`, without the rest.
 
     Returns:
-        ``(blocks, last)`` in singd's block-diagonal layout: ``[G, d // block, block,
-        block]`` and ``[G, d mod block, d mod block]`` (possibly empty), ``d`` as for
+        ``(blocks, last)`` in singd's block-diagonal layout: ``[groups, d // block, block,
+        block]`` and ``[groups, d mod block, d mod block]`` (possibly empty), ``d`` as for
         :func:`input_factor` (bias row last). Expand convolutions stream the unfolded
         input in batch chunks of about ``chunk_bytes`` (in ``workspace`` if given), so
         it never exists whole.
@@ -247,14 +247,14 @@ def input_factor_blocks(
         rows = _linear_rows(layer, x, approx)  # [R, d_in]
         blocks, last = block_gram(rows.T.unsqueeze(0), block, bias)
         return blocks.div_(rows.shape[0]), last.div_(rows.shape[0])
-    x, dims, G = _conv_setup(layer, x, group_average)
+    x, dims, groups = _conv_setup(layer, x, group_average)
     N = x.shape[0]
     if approx == "reduce":
-        u = averaged_unfolded_input(x, dims).reshape(N, G, -1).permute(1, 2, 0)  # [G, D, N]
+        u = averaged_unfolded_input(x, dims).reshape(N, groups, -1).permute(1, 2, 0)  # [groups, D, N]
         blocks, last = block_gram(u, block, bias)
         return blocks.div_(N), last.div_(N)
     blocks = last = None
-    for u in unfolded_feature_chunks(x, dims, G, chunk_bytes, workspace):
+    for u in unfolded_feature_chunks(x, dims, groups, chunk_bytes, workspace):
         part = block_gram(u, block, bias)
         if blocks is None:
             blocks, last = part

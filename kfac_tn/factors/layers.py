@@ -33,7 +33,7 @@ def check_approx(approx: str) -> None:
 
 
 def layer_groups(layer: nn.Module) -> int:
-    """Channel groups G (1 for Linear)."""
+    """Number of channel groups (1 for Linear)."""
     return getattr(layer, "groups", 1)
 
 
