@@ -7,7 +7,7 @@ images), ConvNeXt-base's stem and first depthwise 7×7 convolution for a
 (32, 64, 56, 56). Each (case, implementation, approximation) runs in a fresh
 process; time is the median of 7 calls, memory the peak extra MiB (see measure.py).
 
-    python experiments/bench_factors.py [--cases 3x3 stem] [--out results/bench_factors]
+    python -m experiments.bench_factors [--cases 3x3 stem] [--out results/bench_factors]
 
 Prints a table and writes ``<out>.csv`` and ``<out>.json``. Uses CUDA when present.
 """
@@ -21,10 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from experiments.reporting import write_rows
 
-from experiments.reporting import write_rows  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 # name -> (in, out, kernel, stride, padding, groups, input shape)
 CASES = {
@@ -126,7 +126,7 @@ def main() -> None:
         for approx in args.approx:
             for impl in args.impls:
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", case, impl, approx],
+                    [sys.executable, "-m", "experiments.bench_factors", "--worker", case, impl, approx],
                     capture_output=True, text=True, env=env, cwd=ROOT,
                 )
                 if proc.returncode:

@@ -1,6 +1,6 @@
 """Time and memory of SGD, stock SINGD and kfac_tn's SINGD per training step.
 
-    python experiments/compare.py --config configs/compare_default.yaml [key=value ...]
+    python -m experiments.compare --config configs/compare_default.yaml [key=value ...]
 
 Each (model, run) configuration runs in a fresh process on random CIFAR-shaped data:
 ``warmup`` untimed steps, then ``steps`` timed ones (choose a multiple of T so the mean
@@ -19,15 +19,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from experiments.config import ConfigError, apply_overrides, check_keys, load_yaml
+from experiments.optimizers import HYPERPARAMETER_TYPES, OPTIMIZERS, optimizer_arguments
+from experiments.reporting import write_rows
 
-from experiments.config import ConfigError, apply_overrides, check_keys, load_yaml  # noqa: E402
-from experiments.optimizers import HYPERPARAMETER_TYPES, OPTIMIZERS, optimizer_arguments  # noqa: E402
-from experiments.reporting import write_rows  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 TOP_KEYS = {
     "models": list, "batch_size": int, "image_size": int, "num_classes": int, "warmup": int,
@@ -149,7 +148,9 @@ def run_all(config: dict, config_path: str, overrides: list[str]) -> list[dict]:
     for repeat in range(repeats):
         for model_name in config["models"]:
             for index, run in enumerate(config["runs"]):
-                cmd = [sys.executable, __file__, "--config", config_path, "--worker", model_name, str(index), *overrides]
+                cmd = [sys.executable, "-m", "experiments.compare", "--config", str(Path(config_path).resolve()), "--worker",
+                       model_name, str(index),
+                       *overrides]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
                 if proc.returncode:
                     print(f"{model_name} / {_label(run)} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """Convergence on scikit-learn's digits: SGD, stock SINGD, kfac_tn SINGD and KFAC.
 
-    python experiments/convergence.py [--configs c1.yaml c2.yaml ...] [--out results/convergence]
+    python -m experiments.convergence [--optimizers sgd kfac ...] [--out results/convergence] [key=value ...]
 
-Trains each config (see configs/train_small_cnn_*_digits.yaml), then draws train loss
+Trains ``small_cnn`` on digits with each optimizer (configs/train.yaml composed with the
+groups ``model=small_cnn data.name=digits optimizer.name=<name>``), then draws train loss
 and test accuracy per epoch for all of them into ``<out>.png`` and writes the final
 metrics to ``<out>.json``.
 """
@@ -11,26 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from experiments.train import load_config, train  # noqa: E402
-
-DEFAULT = [ROOT / "configs" / f"train_small_cnn_{name}_digits.yaml" for name in ("sgd", "singd_stock", "singd_tn", "kfac")]
+from experiments.optimizers import OPTIMIZERS
+from experiments.train import load_config, train
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="*", default=[str(p) for p in DEFAULT])
+    parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--out", default="results/convergence")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every config")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    args = parser.parse_intermixed_args()
     curves = {}
-    for path in args.configs:
-        config = load_config(path, args.overrides)
+    for name in args.optimizers:
+        config = load_config(None, ["model=small_cnn", "data.name=digits", f"optimizer.name={name}", *args.overrides])
         label = config["optimizer"]["name"]
         curves[label] = train(config, progress=False)
         last = curves[label][-1]

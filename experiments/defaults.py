@@ -5,7 +5,7 @@ seeds each: SGD, ``kfac_tn.KFAC`` with its defaults, the same without its KL cli
 ``kfac_tn.SINGD`` with the README's example values. BatchNorm parameters (not
 preconditioned) take ``torch.optim.SGD`` steps with the same lr and momentum.
 
-    python experiments/defaults.py            # ~1 min on 2 cores; table + docs/results/defaults.json
+    python -m experiments.defaults            # ~1 min on 2 cores; table + docs/results/defaults.json
 """
 
 from __future__ import annotations
@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kfac_tn  # noqa: E402
-from experiments.data import load_data  # noqa: E402
-from experiments.models import build_model  # noqa: E402
+import kfac_tn
+from experiments.data import load_data
+from experiments.models import build_model
 
 #: name → (optimizer factory on (model, its preconditioned parameters), fallback lr)
 RUNS = {

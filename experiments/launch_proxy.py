@@ -1,6 +1,6 @@
 """Launch proxy: compute ops and host syncs per training step, counted on a CPU.
 
-    python experiments/launch_proxy.py [--models resnet18 vgg19] [--batch-size 4] [--out PREFIX]
+    python -m experiments.launch_proxy [--models resnet18 vgg19] [--batch-size 4] [--out PREFIX]
 
 On a GPU a step of a small or medium CNN is bound by kernel launches and by host-device
 synchronisations, not by FLOPs. Both can be counted without a GPU: every ATen operator
@@ -23,7 +23,6 @@ table and writes ``<out>.csv`` / ``<out>.json``.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -31,13 +30,13 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from experiments.models import build_model
+from experiments.optimizers import build_optimizer
+from experiments.reporting import write_rows
+from kfac_tn import use_routes
 
-from experiments.models import build_model  # noqa: E402
-from experiments.optimizers import build_optimizer  # noqa: E402
-from experiments.reporting import write_rows  # noqa: E402
-from kfac_tn import use_routes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 #: the configurations compared: (label, kwargs)
 CONFIGURATIONS = [

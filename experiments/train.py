@@ -1,6 +1,6 @@
 """Train a registered model with SGD, stock SINGD, kfac_tn's SINGD or kfac_tn's KFAC.
 
-    python experiments/train.py --config configs/train_resnet18_singd_tn_synthetic.yaml [key=value ...] [--resume]
+    python -m experiments.train --config configs/train_resnet18_singd_tn_synthetic.yaml [key=value ...] [--resume]
 
 Writes ``metrics.csv`` / ``metrics.json`` (one row per epoch) and ``last.pt`` (written
 atomically: temp file, then rename; every ``output.checkpoint_every`` epochs, default 1,
@@ -15,24 +15,27 @@ trained by a fallback SGD with the same lr/momentum/weight decay.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import random
 import sys
 import time
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader
+
+from experiments.config import ConfigError, apply_overrides, check_keys, compose, load_yaml
+from experiments.data import DATASETS, DataError, load_data
+from experiments.models import MODELS, build_model
+from experiments.optimizers import (
+    HYPERPARAMETER_TYPES,
+    OPTIMIZERS,
+    build_optimizer,
+    optimizer_arguments,
+)
+from experiments.reporting import write_rows
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from experiments.config import ConfigError, apply_overrides, check_keys, load_yaml  # noqa: E402
-from experiments.data import DATASETS, DataError, load_data  # noqa: E402
-from experiments.models import MODELS, build_model  # noqa: E402
-from experiments.optimizers import HYPERPARAMETER_TYPES, OPTIMIZERS, build_optimizer, optimizer_arguments  # noqa: E402
 
 TOP = {"model": str, "data": dict, "optimizer": dict, "training": dict, "output": dict}
 DATA = {"name": str, "data_dir": str, "image_size": int, "num_classes": int, "n_train": int, "n_test": int}
@@ -42,9 +45,14 @@ OUTPUT = {"dir": str, "checkpoint_every": int}
 OPTIMIZER = {"name": str, **HYPERPARAMETER_TYPES}
 
 
-def load_config(path: str, overrides: list[str]) -> dict:
-    """Load, override and validate a training config (errors name the key/value)."""
-    config = apply_overrides(load_yaml(path), overrides)
+DEFAULT_CONFIG = ROOT / "configs" / "train.yaml"
+
+
+def load_config(path: str | None, overrides: list[str]) -> dict:
+    """The training config, validated (errors name the key or value): ``path`` taken as it
+    is with the overrides applied, or (``None``) ``configs/train.yaml`` composed with the
+    model, optimizer and data groups it or the overrides choose (see ``config.compose``)."""
+    config = compose(DEFAULT_CONFIG, overrides) if path is None else apply_overrides(load_yaml(path), overrides)
     check_keys(config, TOP, "config")
     for key in ("model", "optimizer"):
         if key not in config:
@@ -220,7 +228,7 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
         })
         if rank > 0:
             continue
-        _write_metrics(history, out_dir)
+        write_rows(history, out_dir / "metrics")
         h = history[-1]
         print(f"epoch {epoch + 1}/{epochs}: train loss {h['train_loss']:.4f} acc {h['train_acc']:.3f} | test loss "
               f"{h['test_loss']:.4f} acc {h['test_acc']:.3f} | {h['seconds_per_step']:.3f} s/step", flush=True)
@@ -235,17 +243,10 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
     return history
 
 
-def _write_metrics(history: list[dict], out_dir: Path) -> None:
-    (out_dir / "metrics.json").write_text(json.dumps(history, indent=1))
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", default=None,
+                        help="a complete config file (default: configs/train.yaml with its groups)")
     parser.add_argument("--resume", action="store_true", help="continue from output.dir/last.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch lines stay)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.epochs=3")

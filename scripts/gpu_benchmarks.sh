@@ -11,6 +11,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$out/gpu.txt" 2>&1
 timeout 90 python3 -m pytest -q tests/test_cuda.py 2>&1 | tail -20 | tee "$out/test_cuda.log"
-timeout 200 python3 experiments/compare.py --config configs/compare_gpu.yaml --out "$out/compare_b32" 2>&1 | tee "$out/compare_b32.log"
-timeout 170 python3 experiments/compare.py --config configs/compare_gpu.yaml batch_size=128 --out "$out/compare_b128" 2>&1 | tee "$out/compare_b128.log"
+timeout 200 python3 -m experiments.compare --config configs/compare_gpu.yaml --out "$out/compare_b32" 2>&1 | tee "$out/compare_b32.log"
+timeout 170 python3 -m experiments.compare --config configs/compare_gpu.yaml batch_size=128 --out "$out/compare_b128" 2>&1 | tee "$out/compare_b128.log"
 rm -f "$out"/*.png "$out"/*.csv  # the JSON files hold every row

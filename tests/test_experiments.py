@@ -59,10 +59,10 @@ def _reference_kfac_run(epochs, batch_size, lr, momentum):
     by tests/reference_kfac.py in float64 (BatchNorm by SGD, as the experiments' fallback)."""
     import random
 
+    from reference_kfac import ReferenceKFAC
     from torch.utils.data import DataLoader, Subset
 
     from experiments.models import build_model
-    from reference_kfac import ReferenceKFAC
 
     torch.manual_seed(0)
     random.seed(0)
@@ -125,7 +125,7 @@ def test_compare_runs_in_fresh_processes(tmp_path):
     )
     out = tmp_path / "res"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "compare.py"), "--config", str(config), "--out", str(out)],
+        [sys.executable, "-m", "experiments.compare", "--config", str(config), "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -161,7 +161,7 @@ def test_train_under_torchrun_with_two_processes(tmp_path):
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "experiments" / "train.py"), "--config", str(path), "--no-progress"],
+         "-m", "experiments.train", "--config", str(path), "--no-progress"],
         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -169,14 +169,28 @@ def test_train_under_torchrun_with_two_processes(tmp_path):
 
 
 def test_every_shipped_config_is_valid():
-    for path in sorted((ROOT / "configs").glob("train_*.yaml")):
-        load_config(str(path), [])
+    from experiments.models import MODELS
+    from experiments.optimizers import OPTIMIZERS
+
+    datasets = [p.stem for p in (ROOT / "configs" / "data").glob("*.yaml")]
+    assert {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")} == set(MODELS)
+    assert {p.stem for p in (ROOT / "configs" / "optimizer").glob("*.yaml")} == set(OPTIMIZERS)
+    for model in MODELS:
+        for optimizer in OPTIMIZERS:
+            for data in datasets:
+                config = load_config(None, [f"model={model}", f"optimizer.name={optimizer}", f"data.name={data}"])
+                assert config["output"]["dir"] == f"results/train/{model}_{optimizer}_{data}"
+    tuned = load_config(None, ["model=small_cnn", "optimizer.name=kfac", "data.name=digits", "optimizer.lr=0.02"])
+    assert tuned["data"]["image_size"] == 16 and tuned["optimizer"]["kfac_approx"] == "expand"  # 'when' rules
+    assert tuned["optimizer"]["inverse_update_freq"] == 5 and tuned["optimizer"]["lr"] == 0.02  # overrides last
+    with pytest.raises(ConfigError, match="has no group file"):
+        load_config(None, ["optimizer.name=adam"])
     for path in sorted((ROOT / "configs").glob("compare_*.yaml")):
         load_compare_config(str(path), [])
 
 
 def test_optimizer_keys_are_checked_against_the_chosen_optimizer(tmp_path):
-    with pytest.raises(ConfigError, match="optimizer.ema_decay is not an argument of singd_tn"):
+    with pytest.raises(ConfigError, match=r"optimizer\.ema_decay is not an argument of singd_tn"):
         _config(tmp_path, "singd_tn", **{"optimizer.ema_decay": 0.9})
     with pytest.raises(ConfigError, match=r"config.optimizer \(kfac\): lr must be a non-negative"):
         train(_config(tmp_path, "kfac", **{"optimizer.lr": -1}), progress=False)

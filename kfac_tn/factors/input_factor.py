@@ -28,16 +28,16 @@ from kfac_tn.factors.layers import (
 )
 from kfac_tn.kernels.averaged_input import averaged_unfolded_input
 from kfac_tn.kernels.block_gram import block_gram
-from kfac_tn.runtime.chunking import batch_chunk
-from kfac_tn.tensor_network.geometry import ConvDim
 from kfac_tn.kernels.kfc import kfc_factor
-from kfac_tn.runtime.routes import launch_bound
 from kfac_tn.kernels.unfold_gram import (
     unfolded_feature_chunks,
     unfolded_row_chunks,
     unfolded_rows,
 )
+from kfac_tn.runtime.chunking import batch_chunk
+from kfac_tn.runtime.routes import launch_bound
 from kfac_tn.runtime.workspace import Workspace
+from kfac_tn.tensor_network.geometry import ConvDim
 
 
 def _with_bias(core: Tensor, mean_row: Tensor) -> Tensor:

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from kfac_tn.tensor_network.geometry import ConvDim
-from kfac_tn.runtime.routes import launch_bound
 from kfac_tn.kernels.shift_gram import shift_gram_cost, shift_gram_kfc
 from kfac_tn.kernels.unfold_gram import unfold_gram_cost, unfold_gram_kfc
+from kfac_tn.runtime.routes import launch_bound
+from kfac_tn.tensor_network.geometry import ConvDim
 
 #: seconds per copied element and per multiply-add (ratio measured on 2 CPU cores)
 COPY_COST, MAC_COST = 1.0e-9, 2.0e-11

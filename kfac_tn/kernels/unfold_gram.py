@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from kfac_tn.runtime.chunking import batch_chunk
-from kfac_tn.tensor_network.geometry import ConvDim
 from kfac_tn.runtime.routes import launch_bound
 from kfac_tn.runtime.workspace import Workspace
+from kfac_tn.tensor_network.geometry import ConvDim
 
 
 @lru_cache(maxsize=512)

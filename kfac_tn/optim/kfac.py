@@ -28,7 +28,6 @@ from kfac_tn.capture import LayerCapture
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
 from kfac_tn.factors.layers import as_called
 from kfac_tn.optim.deferred import DeferredFlags
-from kfac_tn.optim.factor_sums import FactorSums
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
     assign_greedy,
@@ -37,6 +36,7 @@ from kfac_tn.optim.distributed import (
     reduce_gradients_,
     worker_groups,
 )
+from kfac_tn.optim.factor_sums import FactorSums
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
 from kfac_tn.optim.user_warnings import unsupported_message, warn_user
 from kfac_tn.optim.validation import (

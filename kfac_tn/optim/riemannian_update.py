@@ -23,8 +23,8 @@ from singd.structures.blockdiagonal import BlockDiagonalMatrixTemplate
 from singd.structures.dense import DenseMatrix
 from torch import Tensor
 
-from kfac_tn.optim.symmetric_sum import SymmetricSum
 from kfac_tn.optim.structured_products import right_multiply_update_, symmetric_addmm_
+from kfac_tn.optim.symmetric_sum import SymmetricSum
 from kfac_tn.runtime.routes import launch_bound
 from kfac_tn.runtime.workspace import Workspace
 

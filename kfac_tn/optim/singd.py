@@ -74,7 +74,6 @@ from kfac_tn.optim.distributed import (
 )
 from kfac_tn.optim.layer_matrices import LayerMatricesAttribute, as_blocks
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
-from kfac_tn.optim.symmetric_sum import SymmetricSum
 from kfac_tn.optim.riemannian_update import (
     StepScalars,
     riemannian_step_,
@@ -91,6 +90,7 @@ from kfac_tn.optim.structured_products import (
     sandwich,
     stock_projector,
 )
+from kfac_tn.optim.symmetric_sum import SymmetricSum
 from kfac_tn.optim.user_warnings import unsupported_message, warn_user
 from kfac_tn.optim.validation import (
     check_layout,
