@@ -1,15 +1,7 @@
-"""Make the repository root importable (``experiments``) and tests' helpers (``conv_cases``); shared fixtures."""
-
-import sys
-from pathlib import Path
+"""Shared fixtures (the repository root and tests/ are importable: pyproject's pythonpath)."""
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 
 @pytest.fixture

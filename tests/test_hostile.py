@@ -36,6 +36,7 @@ import weakref
 
 import pytest
 import torch
+from helpers import flat_parameters, train
 from torch import nn
 
 import kfac_tn
@@ -285,7 +286,7 @@ def test_conv_transpose_called_with_output_size(name):
         opt = OPTIMIZERS[name](model)
         for _ in range(3):
             _step(model, opt, X, y)
-        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        runs.append(flat_parameters(model))
     torch.testing.assert_close(runs[0], runs[1])
 
 
@@ -315,7 +316,7 @@ def test_grad_scaler_with_unscale_and_clipping_equals_the_unscaled_run(name):
             opt.set_current_grad_scale(scaler.get_scale())
             scaler.step(opt)
             scaler.update()
-        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        runs.append(flat_parameters(model))
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-6)
 
 
@@ -379,9 +380,7 @@ class _Checkpointed(nn.Module):
 
 
 def _trajectory(model, opt, X, y, steps=3):
-    for _ in range(steps):
-        _step(model, opt, X, y)
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return train(model, opt, X, y, steps)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -450,7 +449,7 @@ def test_a_compiled_model_trains_like_the_eager_one_without_recompiling(name, st
     for _ in range(4):
         _step(compiled, opt, X, y)
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
-    got = torch.cat([p.detach().flatten() for p in model.parameters()])
+    got = flat_parameters(model)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 

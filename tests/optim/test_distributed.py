@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import flat_parameters
 from torch import nn
 
 import kfac_tn
@@ -71,7 +72,7 @@ def _train(model, opt, X, y, name=""):
         else:
             nn.functional.cross_entropy(model(X), y, reduction=reduction).backward()
         opt.step()
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return flat_parameters(model)
 
 
 def _worker(rank, name, init_file, out_dir):
@@ -125,5 +126,5 @@ def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
         oracle = ReferenceKFAC(reference, lr=0.05, damping=1e-2, inverse_update_freq=2)
         for _ in range(STEPS):
             oracle.step(X, y)
-        expected = torch.cat([p.detach().flatten() for p in reference.parameters()])
+        expected = flat_parameters(reference)
         torch.testing.assert_close(ranks[0], expected, rtol=1e-4, atol=1e-5)

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import labelled_data, train
 from singd.optim.optimizer import SINGD as StockSINGD
 from torch import nn
 
@@ -14,17 +15,10 @@ STRUCTURES = ["dense", "diagonal", "block30diagonal", "hierarchical15_15", "tril
 
 
 def _train(model, opt, data, steps):
-    X, y = data
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return train(model, opt, *data, steps)
 
 
-def _data(shape, classes=5, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen), torch.randint(0, classes, (shape[0],), generator=gen)
+_data = labelled_data
 
 
 def _cnn():

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import flat_parameters
 from torch import nn
 
 import kfac_tn
@@ -165,7 +166,7 @@ def test_grad_scaler_and_bf16_autocast_are_neutral():
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
+        return flat_parameters(model)
 
     torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-6)
 

@@ -15,7 +15,7 @@ from experiments.config import ConfigError
 from experiments.data import DataError, load_data
 from experiments.train import load_config, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path, optimizer, **extra):

@@ -1,0 +1,26 @@
+"""Helpers shared by the tests: a parameter vector, a training loop, labelled data."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def flat_parameters(model: nn.Module) -> Tensor:
+    """All parameters of ``model`` as one detached vector."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def train(model: nn.Module, opt, X: Tensor, y: Tensor, steps: int = 1) -> Tensor:
+    """``steps`` steps of ``opt`` on the mean cross-entropy of ``(X, y)``; the parameters after."""
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    return flat_parameters(model)
+
+
+def labelled_data(shape: tuple[int, ...], classes: int = 5, seed: int = 1) -> tuple[Tensor, Tensor]:
+    """Inputs of ``shape`` and labels in ``range(classes)`` from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen), torch.randint(0, classes, (shape[0],), generator=gen)
