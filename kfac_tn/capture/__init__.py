@@ -1,5 +1,6 @@
-"""Hooks that capture layer inputs and output gradients."""
+"""Hooks that capture layer inputs and output gradients, and which layers they watch."""
 
 from kfac_tn.capture.hooks import LayerCapture
+from kfac_tn.capture.layers import supported_layers
 
-__all__ = ["LayerCapture"]
+__all__ = ["LayerCapture", "supported_layers"]

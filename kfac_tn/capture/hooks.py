@@ -21,7 +21,11 @@ from torch.utils.hooks import RemovableHandle
 Callback = Callable[[str, nn.Module, Tensor, Tensor], None]
 
 class LayerCapture:
-    """Hooks on named modules that call ``on_backward`` with input and grad_output.
+    """Hooks on named modules that call ``on_backward(name, module, x, grad_output)`` in
+    every backward pass through a call of a module (``x`` is the call's input, detached;
+    the same tensor object for every backward pass through that call). Nothing is
+    captured under ``torch.no_grad()``, in eval mode (unless ``training_only=False``) or
+    when ``is_due(name, module)`` says no.
 
     The hooks hold only weak references to the callbacks' owner (the optimizer): a
     model never keeps an optimizer alive, and once the optimizer is gone its hooks
@@ -35,8 +39,10 @@ class LayerCapture:
         modules: dict[str, nn.Module],
         on_backward: Callback,
         is_due: Callable[[str, nn.Module], bool] = lambda name, module: True,
+        training_only: bool = True,
     ) -> None:
         self._on_backward = _weak(on_backward)
+        self._training_only = training_only
         self._is_due = _weak(is_due)
         self._module_ids = {name: id(module) for name, module in modules.items()}
         #: layers whose forward() has run at least once (others are only used functionally)
@@ -57,7 +63,7 @@ class LayerCapture:
                 self.remove()
                 return
             self.seen.add(name)
-            if not (torch.is_grad_enabled() and module.training):
+            if not torch.is_grad_enabled() or (self._training_only and not module.training):
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return

@@ -14,7 +14,8 @@ from math import sqrt
 import torch
 from torch import Tensor, nn
 
-from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
+from kfac_tn.capture import LayerCapture, supported_layers
+from kfac_tn.factors import grad_output_factor, input_factor
 from kfac_tn.factors.layers import as_called
 
 FISHER_TYPES = ("empirical", "type-2", "mc")
@@ -90,8 +91,8 @@ def kfac_factors(
     """KFAC factors of every supported layer of ``model`` on the batch ``(inputs, targets)``.
 
     Args:
-        model: the network; its supported layers (Linear, Conv*, ConvTranspose*) with
-            trainable parameters get factors.
+        model: the network; its supported layers (Linear, Conv*, ConvTranspose*) with a
+            trainable weight get factors (the optimizers' rule, ``capture.supported_layers``).
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` with
             ``reduction`` ``'mean'`` or ``'sum'``.
         inputs, targets: one batch; outputs with extra axes (e.g. per position) are
@@ -107,31 +108,23 @@ def kfac_factors(
         G ``[blocks, d_out, d_out]``.
     """
     _validate(loss_func, approx, fisher, mc_samples)
-    modules = {
-        name: m for name, m in model.named_modules()
-        if isinstance(m, SUPPORTED_LAYERS) and any(p.requires_grad for p in m.parameters(recurse=False))
-    }
+    modules = supported_layers(model)
     if not modules:
         raise ValueError("The model has no supported layers with trainable parameters.")
     A: dict[str, Tensor] = {}
     G: dict[str, Tensor] = {}
+    inputs_seen: dict[int, Tensor] = {}  # id(x) -> x of every call whose A was added
 
-    def forward_hook(name: str):
-        def hook(module: nn.Module, inp: tuple, out: Tensor) -> None:
-            module = as_called(module, inp[0], out.shape)  # e.g. a ConvTranspose called with output_size=
-            with torch.no_grad():
-                a = input_factor(module, inp[0].detach(), approx, group_average)
+    def on_backward(name: str, module: nn.Module, x: Tensor, grad_output: Tensor) -> None:
+        module = as_called(module, x, grad_output.shape)  # e.g. a ConvTranspose called with output_size=
+        if id(x) not in inputs_seen:  # A once per call (several backward passes for type-2 / MC)
+            inputs_seen[id(x)] = x
+            a = input_factor(module, x, approx, group_average)
             A[name] = A[name] + a if name in A else a
+        g = grad_output_factor(module, grad_output, approx, None, group_average)
+        G[name] = G[name] + g if name in G else g
 
-            def tensor_hook(grad: Tensor) -> None:
-                g = grad_output_factor(module, grad.detach(), approx, None, group_average)
-                G[name] = G[name] + g if name in G else g
-
-            out.register_hook(tensor_hook)
-
-        return hook
-
-    handles = [m.register_forward_hook(forward_hook(name)) for name, m in modules.items()]
+    capture = LayerCapture(modules, on_backward, training_only=False)  # analysis: eval mode too
     params = [p for m in modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
     try:
         output = model(inputs)
@@ -157,7 +150,6 @@ def kfac_factors(
                 labels = _sample_labels(loss_func, rows, generator)
                 torch.autograd.grad(_adjusted_loss(loss_func, rows, labels), params, retain_graph=i < mc_samples - 1)
     finally:
-        for handle in handles:
-            handle.remove()
+        capture.remove()
     correction = 1.0 / samples if loss_func.reduction == "sum" else terms**2 / (N * samples * per_example)
     return {name: (A[name], G[name] * correction) for name in modules if name in A and name in G}

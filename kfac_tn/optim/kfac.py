@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kfac_tn.capture import LayerCapture
+from kfac_tn.capture import LayerCapture, supported_layers
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
 from kfac_tn.factors.layers import as_called
 from kfac_tn.optim.deferred import DeferredFlags
@@ -180,12 +180,11 @@ class KFAC(torch.optim.Optimizer):
         self.steps = 0
         group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self.layers: dict[str, nn.Module] = {}
-        for name, m in layers.items():
+        for name, m in supported_layers(model, group_of).items():  # not: frozen weights (BitFit: SGD)
             groups = {group_of[p] for p in m.parameters(recurse=False) if p in group_of}
             if len(groups) > 1:
                 raise ValueError(f"Parameters of layer {name!r} are in different param groups {sorted(groups)}.")
-            if m.weight in group_of:  # a layer whose weight is not trained (BitFit) takes SGD steps
-                self.layers[name] = m
+            self.layers[name] = m
         self._group_index = {name: group_of[m.weight] for name, m in self.layers.items()}
         self._layouts = {name: (m.weight.device, m.weight.dtype) for name, m in self.layers.items()}
         self.kfac_state: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}

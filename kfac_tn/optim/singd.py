@@ -45,7 +45,7 @@ from singd.structures.dense import DenseMatrix
 from singd.structures.diagonal import DiagonalMatrix
 from torch import Tensor, nn
 
-from kfac_tn.capture import LayerCapture
+from kfac_tn.capture import LayerCapture, supported_layers
 from kfac_tn.factors import (
     SUPPORTED_LAYERS,
     grad_output_factor_blocks,
@@ -250,14 +250,10 @@ class SINGD(StockSINGD):
         return self.grouped_conv == "average"
 
     def _install_hooks(self, model: nn.Module):
-        param_ids = {p.data_ptr() for group in self.param_groups for p in group["params"]}
-        module_names = {
-            mod: name
-            for name, mod in model.named_modules()
-            if isinstance(mod, self.SUPPORTED_MODULES) and mod.weight.data_ptr() in param_ids
-        }  # a layer whose weight is not trained (BitFit) is not preconditioned: SGD steps
+        layers = supported_layers(model, [p for group in self.param_groups for p in group["params"]])
+        module_names = {mod: name for name, mod in layers.items()}
         self._capture = LayerCapture(
-            {name: mod for mod, name in module_names.items()},
+            layers,
             on_backward=self._on_backward,
             is_due=self._statistics_due,
         )

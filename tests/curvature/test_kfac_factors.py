@@ -155,3 +155,27 @@ def test_errors_are_named():
         kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(reduction="none"), X, y)
     with pytest.raises(ValueError, match="mc_samples"):
         kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), X, y, fisher="mc", mc_samples=0)
+
+
+def test_layers_are_chosen_by_the_optimizers_rule_and_eval_mode_counts():
+    """kfac_factors watches the layers the optimizers precondition (trainable weight,
+    capture.supported_layers) with the optimizers' capture, also in eval mode; a frozen
+    weight leaves its layer out."""
+    import torch
+    from torch import nn
+
+    import kfac_tn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    train_mode = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), X, y)
+    model.eval()
+    eval_mode = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), X, y)
+    assert set(train_mode) == set(eval_mode) == {"0", "2"}
+    for name in train_mode:
+        for a, b in zip(train_mode[name], eval_mode[name]):
+            torch.testing.assert_close(a, b)
+    model[0].weight.requires_grad_(False)
+    assert set(kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), X, y)) == {"2"}
+    assert not model[0]._forward_hooks and not model[2]._forward_hooks  # hooks removed afterwards
