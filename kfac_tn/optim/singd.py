@@ -81,6 +81,12 @@ from kfac_tn.optim.riemannian_update import (
     trace,
     trace_inner,
 )
+from kfac_tn.optim.singd_state import (  # noqa: F401  (stock_state_dict: public here too)
+    MATRIX_STATE,
+    layer_state,
+    matrix_from_state,
+    stock_state_dict,
+)
 from kfac_tn.optim.structured_products import (
     block_sandwich,
     inner_with,
@@ -854,7 +860,7 @@ class SINGD(StockSINGD):
         state = torch.optim.Optimizer.state_dict(self)
         state["steps"], state["_grad_scales"] = self.steps, self._grad_scales
         for key, private in MATRIX_STATE.items():
-            state[key] = {name: _layer_state(Ms) for name, Ms in getattr(self, private).items()}
+            state[key] = {name: layer_state(Ms) for name, Ms in getattr(self, private).items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -866,7 +872,7 @@ class SINGD(StockSINGD):
                 raise ValueError(f"State dict has no {key!r}: not a kfac_tn.SINGD state.")
         for key in MATRIX_STATE:
             state_dict[key] = {
-                name: [_matrix_from_state(e, self.SUPPORTED_STRUCTURES) for e in as_blocks(entry)]
+                name: [matrix_from_state(e, self.SUPPORTED_STRUCTURES) for e in as_blocks(entry)]
                 for name, entry in state_dict.get(key, {}).items()
             }
         for key in ("Ks", "Cs"):
@@ -907,37 +913,6 @@ class SINGD(StockSINGD):
         self._bind_bank_views(bank)
 
 
-def stock_state_dict(state: dict[str, Any]) -> dict[str, Any]:
-    """A :meth:`SINGD.state_dict` in stock singd 0.0.5's format (its matrix objects), for
-    ``singd.optim.optimizer.SINGD.load_state_dict`` on the same model and arguments.
-
-    Pending dense statistics kept as thin factors become ``DenseMatrix``. Layers with
-    several blocks (grouped convolutions with ``grouped_conv="exact"``) have no stock
-    equivalent: a ValueError names them.
-    """
-    from singd.optim.optimizer import SINGD as Stock
-
-    out = dict(state)
-    for key in MATRIX_STATE:
-        layers = {}
-        for name, entry in state.get(key, {}).items():
-            blocks = as_blocks(entry)
-            if len(blocks) != 1:
-                raise ValueError(f"Layer {name!r} has {len(blocks)} blocks in {key} (a grouped convolution with "
-                                 "grouped_conv='exact'); stock singd keeps one matrix per layer. Build both "
-                                 "optimizers with grouped_conv='average' to move states between them.")
-            M = _matrix_from_state(blocks[0], Stock.SUPPORTED_STRUCTURES)
-            layers[name] = DenseMatrix(M.to_dense()) if isinstance(M, SymmetricSum) else M
-        out[key] = layers
-    return out
-
-
-def _layer_state(blocks: list) -> Any:
-    """A layer's matrices as plain data: one entry for one block (singd's layout), else a list."""
-    entries = [_matrix_state(M) for M in blocks]
-    return entries[0] if len(entries) == 1 else entries
-
-
 def _inner_with(M: StructuredMatrix, X: Tensor):
     """Pending ``Mᵀ X Xᵀ M``: thin factor for dense M when it is smaller than d × d."""
     if isinstance(M, DenseMatrix) and 2 * X.shape[1] <= X.shape[0]:
@@ -966,37 +941,6 @@ def _tensors(H) -> list[Tensor]:
     if isinstance(H, SymmetricSum):
         return H.tensors()
     return [t for _, t in H.named_tensors()]
-
-
-#: singd's state attributes that hold matrices → the private per-layer block lists
-MATRIX_STATE = {"Ks": "_K_blocks", "Cs": "_C_blocks", "m_Ks": "_m_K_blocks", "m_Cs": "_m_C_blocks",
-                "H_Ks": "_H_K_blocks", "H_Cs": "_H_C_blocks"}
-
-
-def _matrix_state(M: StructuredMatrix | SymmetricSum) -> dict[str, Any]:
-    """A matrix as plain data: its type's name and its tensors."""
-    if isinstance(M, SymmetricSum):
-        return {"type": "SymmetricSum", "factors": list(M.factors), "dense": M.dense}
-    return {"type": type(M).__name__, "tensors": dict(M.named_tensors())}
-
-
-def _matrix_from_state(entry: Any, structures: dict[str, type]) -> StructuredMatrix | SymmetricSum:
-    """Inverse of :func:`_matrix_state`; matrix objects (singd's own format) pass through."""
-    if not isinstance(entry, dict):
-        return entry
-    if entry.get("type") == "SymmetricSum":
-        H = SymmetricSum(dense=entry["dense"])
-        H.factors = list(entry["factors"])
-        return H
-    classes = {cls.__name__: cls for cls in structures.values()}
-    if entry.get("type") not in classes:
-        raise ValueError(f"State dict holds a matrix of unknown type {entry.get('type')!r}; "
-                         f"known: {sorted(classes)} and 'SymmetricSum'.")
-    M = classes[entry["type"]].__new__(classes[entry["type"]])
-    StructuredMatrix.__init__(M)
-    for name, tensor in entry["tensors"].items():
-        M.register_tensor(tensor, name)
-    return M
 
 
 def _singd_computes_in(structure: type[StructuredMatrix], dtype: torch.dtype) -> bool:
