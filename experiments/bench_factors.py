@@ -3,7 +3,8 @@ tensor network vs F.unfold-based vs singd 0.0.5.
 
 Cases: the distinct convolutions of CIFAR ResNet18 and VGG19 (batch 32, 32×32
 images), ConvNeXt-base's stem and first depthwise 7×7 convolution for a
-(32, 3, 256, 256) input, and a Conv2d(64, 64, 3, padding=1) on
+(32, 3, 256, 256) input, MobileNetV2's depthwise 3×3 (144 channels, 56×56, stride 1
+and 2), and a Conv2d(64, 64, 3, padding=1) on
 (32, 64, 56, 56). Each (case, implementation, approximation) runs in a fresh
 process; time is the median of 7 calls, memory the peak extra MiB (see measure.py).
 
@@ -31,6 +32,8 @@ CASES = {
     "3x3": (64, 64, 3, 1, 1, 1, (32, 64, 56, 56)),
     "convnext_stem": (3, 128, 4, 4, 0, 1, (32, 3, 256, 256)),
     "convnext_dw7x7": (128, 128, 7, 1, 3, 128, (32, 128, 64, 64)),
+    "mobilenetv2_dw3x3": (144, 144, 3, 1, 1, 144, (32, 144, 56, 56)),
+    "mobilenetv2_dw3x3_s2": (144, 144, 3, 2, 1, 144, (32, 144, 56, 56)),
     "resnet18_conv1": (3, 64, 3, 1, 1, 1, (32, 3, 32, 32)),
     "resnet18_l1": (64, 64, 3, 1, 1, 1, (32, 64, 32, 32)),
     "resnet18_l2_down": (64, 128, 3, 2, 1, 1, (32, 64, 32, 32)),

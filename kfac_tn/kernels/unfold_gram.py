@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kfac_tn.runtime.chunking import batch_chunk
-from kfac_tn.runtime.routes import launch_bound
+from kfac_tn.runtime.routes import windowed_unfold
 from kfac_tn.runtime.workspace import Workspace
 from kfac_tn.tensor_network.geometry import ConvDim
 
@@ -117,7 +117,7 @@ def unfolded_chunks(
     buffer = x.new_empty((groups, chunk) + out_sizes + kernel + (C,))
     copies = tap_copies(dims)
     complete = _covers_output(dims)
-    use_windows = launch_bound(x.device) and not any(d.transposed for d in dims)
+    use_windows = windowed_unfold(x.device, C, K) and not any(d.transposed for d in dims)
     for start in range(0, N, chunk):
         n = min(chunk, N - start)
         u = buffer[:, :n]
@@ -158,7 +158,7 @@ def unfolded_feature_chunks(
     per_sample = prod(out_sizes) * GC * prod(kernel) * x.element_size()
     chunk = batch_chunk(x, per_sample, chunk_bytes)
     shape = (groups, C) + kernel + (chunk,) + out_sizes
-    use_windows = launch_bound(x.device) and not any(d.transposed for d in dims)
+    use_windows = windowed_unfold(x.device, C, prod(kernel)) and not any(d.transposed for d in dims)
     if workspace is None:
         buffer = x.new_empty(shape) if use_windows else x.new_zeros(shape)
     else:

@@ -283,3 +283,25 @@ def test_block_statistics_from_a_nan_filled_workspace_on_a_strided_transposed_co
     got = kfac_tn.factors.input_factor_blocks(layer, x, 5, "expand", workspace=ws)
     for ours, want in zip(got, _diagonal_blocks(ref, 5)):
         torch.testing.assert_close(ours, want)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [(5, 1, 1), (7, 2, 1), (5, 1, 2)])
+def test_depthwise_windowed_unfold_on_a_cpu_equals_f_unfold(kernel, stride, dilation):
+    """Depthwise convolutions with >= 25 taps unfold from one windowed view on a CPU too
+    (routes.windowed_unfold): A and its diagonal blocks equal F.unfold's, padding included."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 6, kernel, stride, padding=kernel // 2, dilation=dilation, groups=6).double()
+    x = torch.randn(3, 6, 11, 11, dtype=torch.float64)
+    u = nn.functional.unfold(x, kernel, dilation, kernel // 2, stride)  # [N, 6·K, O]
+    N, _, O = u.shape
+    u = u.unflatten(1, (6, -1))  # [N, G, K, O]
+    u = torch.cat([u, torch.ones(N, 6, 1, O, dtype=u.dtype)], 2)  # bias row
+    rows = u.permute(1, 0, 3, 2).reshape(6, N * O, -1)
+    expected = rows.transpose(1, 2) @ rows / (N * O)
+    torch.testing.assert_close(kfac_tn.input_factor(layer, x, "expand"), expected)
+    blocks, last = kfac_tn.factors.input_factor_blocks(layer, x, 4, "expand")
+    d = expected.shape[-1]
+    for b in range(d // 4):
+        torch.testing.assert_close(blocks[:, b], expected[:, 4 * b: 4 * b + 4, 4 * b: 4 * b + 4])
+    r = d % 4
+    torch.testing.assert_close(last[:, :r, :r], expected[:, d - r:, d - r:])
