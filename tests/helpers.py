@@ -24,3 +24,18 @@ def labelled_data(shape: tuple[int, ...], classes: int = 5, seed: int = 1) -> tu
     """Inputs of ``shape`` and labels in ``range(classes)`` from a seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen), torch.randint(0, classes, (shape[0],), generator=gen)
+
+
+def destroy_process_group() -> None:
+    """``dist.destroy_process_group()`` after the gloo worker threads dropped their finished
+    work. torch 2.13 can deadlock otherwise: the group's destructor joins those threads while
+    holding the GIL, and a thread destroying its last work item waits for the GIL. Drop DDP
+    wrappers (they hold the group too) before calling this."""
+    import gc
+    import time
+
+    import torch.distributed as dist
+
+    gc.collect()
+    time.sleep(0.1)  # releases the GIL: the worker threads finish destroying their work
+    dist.destroy_process_group()

@@ -36,7 +36,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import flat_parameters, train
+from helpers import destroy_process_group, flat_parameters, train
 from torch import nn
 
 import kfac_tn
@@ -465,7 +465,7 @@ def test_a_distributed_data_parallel_model_trains_like_the_plain_one(name, built
     plain = _conv_net()
     reference = OPTIMIZERS[name](plain)
     ref = _trajectory(plain, reference, X, y)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = _conv_net()
         if built_on == "plain model, wrapped later":
@@ -479,8 +479,9 @@ def test_a_distributed_data_parallel_model_trains_like_the_plain_one(name, built
         assert opt.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
         with pytest.raises(TypeError, match="use DistributedDataParallel"):
             OPTIMIZERS[name](nn.DataParallel(_conv_net()))
+        del ddp, opt
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
     torch.testing.assert_close(got, ref)
 
 

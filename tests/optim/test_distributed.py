@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import flat_parameters
+from helpers import destroy_process_group, flat_parameters
 from torch import nn
 
 import kfac_tn
@@ -102,8 +102,9 @@ def _worker(rank, name, init_file, out_dir):
             assert set(opt._update_owners(2).values()) == {0, 1}
         torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another is still communicating
+        ddp = opt = None  # DDP holds the group: drop it first (see helpers.destroy_process_group)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 @pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "singd_greedy", "kfac", "kfac_spread", "ddp_kfac",
