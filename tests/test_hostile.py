@@ -479,6 +479,10 @@ def test_a_distributed_data_parallel_model_trains_like_the_plain_one(name, built
         assert opt.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
         with pytest.raises(TypeError, match="use DistributedDataParallel"):
             OPTIMIZERS[name](nn.DataParallel(_conv_net()))
+        sharded = nn.Module()  # what FSDP(module) looks like to the optimizer
+        sharded._fsdp_wrapped_module = _conv_net()
+        with pytest.raises(TypeError, match="FullyShardedDataParallel is not supported"):
+            OPTIMIZERS[name](sharded)
         del ddp, opt
     finally:
         destroy_process_group()
