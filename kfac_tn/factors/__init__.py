@@ -16,6 +16,7 @@ from kfac_tn.factors.input_factor import (
     input_rows,
 )
 from kfac_tn.factors.layers import SUPPORTED_LAYERS
+from kfac_tn.factors.subsampled import subsampled_grad_output_factor, subsampled_input_factor
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -30,4 +31,6 @@ __all__ = [
     "input_factor_diagonal_sum",
     "input_row_chunks",
     "input_rows",
+    "subsampled_grad_output_factor",
+    "subsampled_input_factor",
 ]

@@ -27,6 +27,11 @@ from torch import Tensor, nn
 from kfac_tn.capture import LayerCapture, supported_layers
 from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
 from kfac_tn.factors.layers import as_called
+from kfac_tn.factors.subsampled import (
+    sample_count,
+    subsampled_grad_output_factor,
+    subsampled_input_factor,
+)
 from kfac_tn.optim.deferred import DeferredFlags
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
@@ -109,6 +114,10 @@ class KFAC(torch.optim.Optimizer):
             each layer's factors (KAISA's knob): 1.0 everywhere (default), else groups of
             ``round(fraction·world)`` ranks get layers by a greedy cost model (d_A³ + d_G³)
             and their leaders broadcast the inverses.
+        subsample: randomized KFAC-expand factors from a random subset of output positions
+            (a fraction in (0, 1] or a count; a fresh subset per layer call and statistics
+            step from torch's global generator; unbiased, see
+            :mod:`kfac_tn.factors.subsampled`). ``None`` (default): all positions.
         kl_clip: bound κ on the step's predicted KL change (kfac-pytorch's ``kl_clip``):
             the preconditioned directions ``d`` are scaled by
             ``ν = min(1, sqrt(κ / Σ lr² ⟨d, g⟩))`` before weight decay and momentum, which
@@ -139,6 +148,7 @@ class KFAC(torch.optim.Optimizer):
         warn_unsupported: bool = True,
         update_worker_fraction: float = 1.0,
         kl_clip: float | None = 1e-3,
+        subsample: float | int | None = None,
     ) -> None:
         check_model(model)
         model = unwrap_model(model)
@@ -159,6 +169,11 @@ class KFAC(torch.optim.Optimizer):
             if kl_clip == 0:
                 raise ValueError("kl_clip must be positive (or None to switch clipping off), got 0.")
         self.kl_clip = kl_clip
+        if subsample is not None:
+            if kfac_approx != "expand":
+                raise ValueError("subsample samples output positions of KFAC-expand factors: use kfac_approx='expand'.")
+            sample_count(1, subsample)  # validates it
+        self.subsample = subsample
         layers = {name: m for name, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
         if params is None:
             params = [p for m in layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
@@ -219,8 +234,13 @@ class KFAC(torch.optim.Optimizer):
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
         module = as_called(module, x, grad_output.shape)  # e.g. a ConvTranspose called with output_size=
-        A = input_factor(module, x, self.kfac_approx, self.group_average)
-        G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
+        if self.subsample is None:
+            A = input_factor(module, x, self.kfac_approx, self.group_average)
+            G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
+        else:
+            A = subsampled_input_factor(module, x, self.subsample, self.group_average)
+            G = subsampled_grad_output_factor(module, grad_output, self.subsample, self.loss_average,
+                                              self.group_average)
         if name not in self._pending:
             self._pending[name] = FactorSums(averaged_loss=self.loss_average is not None)
         self._pending[name].add(A, G, x.shape[0])

@@ -373,3 +373,39 @@ def test_a_resumed_run_follows_the_reference_kfac(approx, kl_clip):
         _train(resumed, opt, 1, (X, y))
     for p, q in zip(resumed.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_subsampled_factors_enter_the_running_averages(monkeypatch):
+    """subsample=m: KFAC's A and G are the randomized factors of the sampled positions
+    (unbiased: tests/factors/test_subsampled.py); all positions give the exact factors;
+    KFAC-reduce has no positions to sample."""
+    import kfac_tn.factors.subsampled as subsampled
+
+    model, (X, y) = _model(), _data()
+    exact = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), X, y, fisher="empirical")
+    opt = kfac_tn.KFAC(model, lr=0.0, momentum=0.0, ema_decay=0.0, subsample=1.0)
+    _train(model, opt, 1)
+    for name, (A, G) in exact.items():
+        torch.testing.assert_close(opt.kfac_state[name]["A"], A)
+        torch.testing.assert_close(opt.kfac_state[name]["G"], G)
+    opt.remove_hooks()
+    # a known subset (the first m positions) in place of the random draw
+    monkeypatch.setattr(subsampled, "sample_positions", lambda P, s, generator=None: torch.arange(min(s, P)))
+    seen = {}
+
+    def watch(module, inputs, output):
+        seen["x"] = inputs[0]
+        output.register_hook(lambda g: seen.update(g=g))
+
+    hook = model[0].register_forward_hook(watch)
+    opt = kfac_tn.KFAC(model, lr=0.0, momentum=0.0, ema_decay=0.0, subsample=7)
+    _train(model, opt, 1)
+    hook.remove()
+    first = torch.arange(7)
+    torch.testing.assert_close(opt.kfac_state["0"]["A"],
+                               subsampled.subsampled_input_factor(model[0], seen["x"], 7, positions=first))
+    torch.testing.assert_close(opt.kfac_state["0"]["G"],
+                               subsampled.subsampled_grad_output_factor(model[0], seen["g"], 7, positions=first))
+    assert not torch.allclose(opt.kfac_state["0"]["A"], exact["0"][0])
+    with pytest.raises(ValueError, match="kfac_approx='expand'"):
+        kfac_tn.KFAC(_model(), kfac_approx="reduce", subsample=0.5)

@@ -1,0 +1,52 @@
+"""Randomized KFAC-expand factors: their mean over every subset of positions is exact."""
+
+from itertools import combinations
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_tn
+from kfac_tn.factors import subsampled_grad_output_factor, subsampled_input_factor
+
+LAYERS = {
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 3, 3)),
+    "grouped strided conv2d": (lambda: nn.Conv2d(4, 6, 2, stride=2, groups=2, bias=False), (2, 4, 4, 6)),
+    "depthwise conv1d, reflect padding": (lambda: nn.Conv1d(3, 3, 3, padding=1, groups=3, padding_mode="reflect"),
+                                          (2, 3, 7)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(3, 2, 2, stride=2), (2, 3, 2, 2)),
+    "linear over positions": (lambda: nn.Linear(3, 4), (2, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("m", [1, 2])
+def test_the_mean_over_all_subsets_is_the_exact_factor(name, m):
+    torch.manual_seed(0)
+    make, shape = LAYERS[name]
+    layer = make().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    out = layer(x)
+    g = torch.randn_like(out)
+    A, G = kfac_tn.input_factor(layer, x, "expand"), kfac_tn.grad_output_factor(layer, g, "expand")
+    P = out[0].numel() // out.shape[1] if not isinstance(layer, nn.Linear) else out[0].numel() // out.shape[-1]
+    subsets = [torch.tensor(s) for s in combinations(range(P), m)]
+    mean_A = sum(subsampled_input_factor(layer, x, m, positions=s) for s in subsets) / len(subsets)
+    mean_G = sum(subsampled_grad_output_factor(layer, g, m, positions=s) for s in subsets) / len(subsets)
+    torch.testing.assert_close(mean_A, A)
+    torch.testing.assert_close(mean_G, G)
+
+
+def test_all_positions_give_the_exact_factors_and_bad_fractions_are_errors():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    g = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(subsampled_input_factor(layer, x, 1.0), kfac_tn.input_factor(layer, x, "expand"))
+    torch.testing.assert_close(subsampled_grad_output_factor(layer, g, 25), kfac_tn.grad_output_factor(layer, g))
+    generator = torch.Generator().manual_seed(0)
+    first = subsampled_input_factor(layer, x, 0.2, generator=generator)
+    assert not torch.equal(first, subsampled_input_factor(layer, x, 0.2, generator=generator))  # fresh subsets
+    for bad in (0.0, 1.5, 0, True, "half"):
+        with pytest.raises(ValueError, match="subsample"):
+            subsampled_input_factor(layer, x, bad)
