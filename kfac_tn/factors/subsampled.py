@@ -10,8 +10,8 @@ of ``m`` positions (the same S for every sample of the batch)::
 
 are unbiased: their mean over all subsets is the exact KFAC-expand A and G of
 :func:`kfac_tn.input_factor` / :func:`kfac_tn.grad_output_factor`. For ordinary
-convolutions only the sampled positions' windows are copied (``B·m·C·K`` numbers); for
-transposed convolutions the unfolded rows are formed first and then sliced.
+convolutions only the sampled positions' windows are copied, in batch chunks of at most
+32 MiB; for transposed convolutions the unfolded rows are formed first and then sliced.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from kfac_tn.factors.grad_output_factor import grad_output_rows
 from kfac_tn.factors.input_factor import _append_ones, _conv_setup, input_rows
 from kfac_tn.factors.layers import check_approx, check_layer, num_positions
 from kfac_tn.kernels.unfold_gram import windows
+from kfac_tn.runtime.chunking import batch_chunk
 
 
 def sample_count(positions: int, subsample: float | int) -> int:
@@ -46,19 +47,28 @@ def sample_positions(positions: int, subsample: float | int, generator: torch.Ge
     return torch.randperm(positions, generator=generator)[:m].sort().values
 
 
-def _conv_window_rows(layer: nn.Module, x: Tensor, chosen: Tensor, group_average: bool) -> Tensor | None:
-    """``[groups, B·m, C·K]`` unfolded rows at the chosen positions, columns ``(c, k..)``;
+def _conv_window_gram(layer: nn.Module, x: Tensor, chosen: Tensor, group_average: bool,
+                      chunk_bytes: int = 2**25) -> Tensor | None:
+    """``Σ rowsᵀ rows`` ``[groups, d, d]`` over the unfolded rows at the chosen positions
+    (columns ``(c, k..)``, bias column last), in batch chunks of about ``chunk_bytes``;
     None for transposed convolutions (no windows)."""
     x, dims, groups = _conv_setup(layer, x, group_average)
     N, C = x.shape[0], x.shape[1] // groups
     view = windows(x.unflatten(1, (groups, C)), dims)  # [N, groups, C, O.., K..]
     if view is None:
         return None
-    D = len(dims)
-    view = view.flatten(3, 2 + D)  # [N, groups, C, P, K..]
-    picked = view.index_select(3, chosen.to(x.device))  # [N, groups, C, m, K..]
-    rows = picked.movedim(3, 1).movedim(2, 0)  # [groups, N, m, C, K..]
-    return rows.reshape(groups, N * chosen.numel(), -1)
+    index = torch.unravel_index(chosen.to(x.device), tuple(d.output_size for d in dims))
+    K = view[0, 0, 0][(0,) * len(dims)].numel()
+    d = C * K + (layer.bias is not None)
+    gram = x.new_zeros(groups, d, d)
+    chunk = batch_chunk(x, groups * C * K * chosen.numel() * x.element_size(), chunk_bytes)
+    for start in range(0, N, chunk):
+        picked = view[start : start + chunk][(slice(None),) * 3 + index]  # [n, groups, C, m, K..]
+        rows = picked.movedim(3, 1).movedim(2, 0).reshape(groups, -1, C * K)  # only the chosen windows
+        if layer.bias is not None:
+            rows = _append_ones(rows)
+        gram.baddbmm_(rows.transpose(1, 2), rows)
+    return gram
 
 
 def subsampled_input_factor(
@@ -80,14 +90,13 @@ def subsampled_input_factor(
     check_layer(layer)
     P = num_positions(layer, x)
     chosen = positions if positions is not None else sample_positions(P, subsample, generator)
-    rows = None if isinstance(layer, nn.Linear) else _conv_window_rows(layer, x, chosen, group_average)
-    if rows is None:  # Linear positions, transposed convolutions: all rows, then the chosen ones
+    count = x.shape[0] * chosen.numel()
+    gram = None if isinstance(layer, nn.Linear) else _conv_window_gram(layer, x, chosen, group_average)
+    if gram is None:  # Linear positions, transposed convolutions: all rows, then the chosen ones
         full = input_rows(layer, x, "expand", group_average) * sqrt(x.shape[0] * P)  # [groups, B·P, d]
-        picked = full.unflatten(1, (x.shape[0], P)).index_select(2, chosen.to(full.device))
-        rows = picked.flatten(1, 2)
-    elif layer.bias is not None:
-        rows = _append_ones(rows)
-    return torch.bmm(rows.transpose(1, 2), rows).div_(rows.shape[1])
+        rows = full.unflatten(1, (x.shape[0], P)).index_select(2, chosen.to(full.device)).flatten(1, 2)
+        gram = torch.bmm(rows.transpose(1, 2), rows)
+    return gram.div_(count)
 
 
 def subsampled_grad_output_factor(
