@@ -1,4 +1,5 @@
-"""Model registry: CIFAR-style ResNet18 and VGG19 (with BatchNorm), and small test models."""
+"""Model registry: CIFAR-style ResNet18 and VGG19 (with BatchNorm), small ConvNeXt- and
+MobileNetV2-style networks, and small test models."""
 
 from __future__ import annotations
 
@@ -104,8 +105,85 @@ class MixedCNN(nn.Module):
         return self.head(self.sequence(x.flatten(2)).flatten(1))
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a ``[B, C, H, W]`` tensor (ConvNeXt's)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7×7, LayerNorm, pointwise 4× expansion with GELU, pointwise projection, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 7, padding=3, groups=c), LayerNorm2d(c),
+            nn.Conv2d(c, 4 * c, 1), nn.GELU(), nn.Conv2d(4 * c, c, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ConvNeXtCIFAR(nn.Module):
+    """A small ConvNeXt-style network for 32×32 inputs: patchify stem (2×2, stride 2),
+    ConvNeXt blocks, LayerNorm + 2×2 stride-2 down-sampling, global pooling, LayerNorm, Linear."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, dims: tuple[int, ...] = (32, 64, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, dims[0], 2, stride=2), LayerNorm2d(dims[0])]
+        for i, c in enumerate(dims):
+            if i:
+                layers += [LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], c, 2, stride=2)]
+            layers.append(ConvNeXtBlock(c))
+        self.features = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.features(x).mean((2, 3))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expansion, depthwise 3×3 (stride s), 1×1 linear projection."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = c_in * expansion
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2CIFAR(nn.Module):
+    """A small MobileNetV2-style network for 32×32 inputs (inverted residuals, depthwise 3×3,
+    stride 2 down-sampling)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        settings = [(16, 24, 2, 4), (24, 24, 1, 4), (24, 32, 2, 4), (32, 32, 1, 4), (32, 64, 2, 4)]
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(inplace=True),
+            *[InvertedResidual(*s) for s in settings],
+            nn.Conv2d(64, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU6(inplace=True),
+        )
+        self.head = nn.Linear(256, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18, "vgg19": VGG19, "small_cnn": SmallCNN, "mixed_cnn": MixedCNN,
+    "convnext_cifar": ConvNeXtCIFAR, "mobilenetv2_cifar": MobileNetV2CIFAR,
 }
 
 
