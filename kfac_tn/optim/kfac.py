@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kfac_tn.capture import LayerCapture, supported_layers
-from kfac_tn.factors import SUPPORTED_LAYERS, grad_output_factor, input_factor
+from kfac_tn.capture import LayerCapture, supported_layers, supported_parameters, unsupported_layers
+from kfac_tn.factors import grad_output_factor, input_factor
 from kfac_tn.factors.layers import as_called
 from kfac_tn.factors.subsampled import (
     sample_count,
@@ -174,12 +174,9 @@ class KFAC(torch.optim.Optimizer):
                 raise ValueError("subsample samples output positions of KFAC-expand factors: use kfac_approx='expand'.")
             sample_count(1, subsample)  # validates it
         self.subsample = subsample
-        layers = {name: m for name, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
         if params is None:
-            params = [p for m in layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
-            unsupported = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
-                           if not isinstance(m, SUPPORTED_LAYERS)
-                           and any(p.requires_grad for p in m.parameters(recurse=False))]
+            params = supported_parameters(model)
+            unsupported = unsupported_layers(model)
             if warn_unsupported and unsupported:
                 warn_user(unsupported_message(unsupported))
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)

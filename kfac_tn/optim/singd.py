@@ -45,7 +45,7 @@ from singd.structures.dense import DenseMatrix
 from singd.structures.diagonal import DiagonalMatrix
 from torch import Tensor, nn
 
-from kfac_tn.capture import LayerCapture, supported_layers
+from kfac_tn.capture import LayerCapture, supported_layers, supported_parameters, unsupported_layers
 from kfac_tn.factors import (
     SUPPORTED_LAYERS,
     grad_output_factor_blocks,
@@ -350,16 +350,10 @@ class SINGD(StockSINGD):
     def _get_trainable_parameters(self, model: nn.Module, warn_unsupported: bool) -> list[nn.Parameter]:
         """The trainable parameters of the supported layers (singd's rule); one warning that
         names the other layers with trainable parameters and how to train them."""
-        trainable, unsupported = [], []
-        for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if isinstance(module, self.SUPPORTED_MODULES):
-                trainable.extend(own)
-            elif own:
-                unsupported.append(f"{name} ({type(module).__name__})")
+        unsupported = unsupported_layers(model)
         if unsupported and warn_unsupported:
             warn_user(unsupported_message(unsupported))
-        return trainable
+        return supported_parameters(model)
 
     def preconditioner_dims(self, module: nn.Module) -> tuple[int, int]:  # type: ignore[override]
         """``(dim_K, dim_C)`` of each of the layer's blocks."""
