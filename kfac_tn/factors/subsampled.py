@@ -16,14 +16,14 @@ convolutions only the sampled positions' windows are copied, in batch chunks of 
 
 from __future__ import annotations
 
-from math import sqrt
+from math import prod, sqrt
 
 import torch
 from torch import Tensor, nn
 
 from kfac_tn.factors.grad_output_factor import grad_output_rows
 from kfac_tn.factors.input_factor import _append_ones, _conv_setup, input_rows
-from kfac_tn.factors.layers import check_approx, check_layer, num_positions
+from kfac_tn.factors.layers import check_layer, num_positions
 from kfac_tn.kernels.unfold_gram import windows
 from kfac_tn.runtime.chunking import batch_chunk
 
@@ -58,7 +58,7 @@ def _conv_window_gram(layer: nn.Module, x: Tensor, chosen: Tensor, group_average
     if view is None:
         return None
     index = torch.unravel_index(chosen.to(x.device), tuple(d.output_size for d in dims))
-    K = view[0, 0, 0][(0,) * len(dims)].numel()
+    K = prod(d.kernel_size for d in dims)
     d = C * K + (layer.bias is not None)
     gram = x.new_zeros(groups, d, d)
     chunk = batch_chunk(x, groups * C * K * chosen.numel() * x.element_size(), chunk_bytes)
@@ -110,7 +110,6 @@ def subsampled_grad_output_factor(
 ) -> Tensor:
     """Unbiased KFAC-expand G ``[groups, D, D]`` from a random subset of output positions
     (arguments as for :func:`kfac_tn.grad_output_factor` and :func:`subsampled_input_factor`)."""
-    check_approx("expand")
     rows = grad_output_rows(layer, grad_output, "expand", loss_average, group_average)  # [groups, B·P, D]
     B = grad_output.shape[0]
     P = rows.shape[1] // B
