@@ -20,10 +20,13 @@ def train(model: nn.Module, opt, X: Tensor, y: Tensor, steps: int = 1) -> Tensor
     return flat_parameters(model)
 
 
-def labelled_data(shape: tuple[int, ...], classes: int = 5, seed: int = 1) -> tuple[Tensor, Tensor]:
-    """Inputs of ``shape`` and labels in ``range(classes)`` from a seeded generator."""
+def labelled_data(
+    shape: tuple[int, ...], classes: int = 5, seed: int = 1, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Inputs of ``shape`` (drawn in float32, then cast to ``dtype``) and labels in
+    ``range(classes)`` from a seeded generator."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen), torch.randint(0, classes, (shape[0],), generator=gen)
+    return torch.randn(*shape, generator=gen).to(dtype), torch.randint(0, classes, (shape[0],), generator=gen)
 
 
 def destroy_process_group() -> None:

@@ -49,7 +49,7 @@ def test_trajectory_matches_stock_singd(structure, approx, stock_float64, routes
     """
     dtype = torch.float64
     tol = dict(rtol=1e-10, atol=1e-12)
-    data = tuple(t.to(dtype) if t.is_floating_point() else t for t in _data((6, 3, 7, 7)))
+    data = _data((6, 3, 7, 7), dtype=dtype)
     for kfac_like in (False, True):
         for T in (1, 3):
             kwargs = dict(lr=0.1, lr_cov=0.1, T=T, structures=(structure, structure),
@@ -407,8 +407,13 @@ def test_float64_with_a_float32_only_structure_is_a_clear_error(structure):
     assert not any(m._forward_hooks for m in model.modules())  # the failed optimizer left no hooks
     opt = kfac_tn.SINGD(model, structures=(structure, structure), lr_cov=0.1,
                         preconditioner_dtype=(torch.float32, torch.float32))
-    params = _train(model, opt, tuple(t.double() if t.is_floating_point() else t for t in _data((4, 3, 7, 7))), 2)
+    params = _train(model, opt, _data((4, 3, 7, 7), dtype=torch.float64), 2)
     assert params.dtype == torch.float64 and torch.isfinite(params).all()
+
+
+def _checkpoint_kwargs(structure):
+    """Arguments of the runs that move checkpoints between stock singd and kfac_tn."""
+    return dict(lr=0.1, lr_cov=0.1, T=1, structures=(structure, structure), weight_decay=1e-3)
 
 
 @pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal"])
@@ -416,8 +421,8 @@ def test_loads_a_stock_singd_checkpoint(structure, stock_float64):
     """Train with stock singd, continue with kfac_tn from stock's state: the same
     parameters as stock continuing (float64)."""
     dtype = torch.float64
-    data = tuple(t.to(dtype) if t.is_floating_point() else t for t in _data((6, 3, 7, 7)))
-    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, structures=(structure, structure), weight_decay=1e-3)
+    data = _data((6, 3, 7, 7), dtype=dtype)
+    kwargs = _checkpoint_kwargs(structure)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m1 = _cnn().to(dtype)
@@ -462,8 +467,8 @@ def test_a_checkpoint_continues_in_stock_singd(structure, pending, stock_float64
     from kfac_tn.optim.singd import stock_state_dict
 
     dtype = torch.float64
-    data = tuple(t.to(dtype) if t.is_floating_point() else t for t in _data((6, 3, 7, 7)))
-    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, structures=(structure, structure), weight_decay=1e-3)
+    data = _data((6, 3, 7, 7), dtype=dtype)
+    kwargs = _checkpoint_kwargs(structure)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m1 = _cnn().to(dtype)
