@@ -2,12 +2,15 @@
 
 Evaluates the network :func:`kfac_tn.tensor_network.expressions.kfc`.
 
-Both evaluate the KFC network ``n g c i.., Π.., n g c_ i_.., Π.. -> g (c k..) (c_ k_..)``
+All evaluate the KFC network ``n g c i.., Π.., n g c_ i_.., Π.. -> g (c k..) (c_ k_..)``
 exactly; they differ in cost. :mod:`shift_gram` needs a channel Gram per distinct
 (phase, offset) of tap pairs and wins when tap windows overlap and there are many
 channels (stride-1 3×3 convolutions); :mod:`unfold_gram` writes the unfolded input of a
 batch chunk and does one GEMM, which wins for few channels or non-overlapping taps
-(stems, patchify). On a CPU the choice uses a simple cost model of copied elements and
+(stems, patchify); :mod:`group_gram` unfolds one group at a time into cache-sized pieces
+and wins for grouped convolutions with few channels per group (depthwise), whose thin
+per-group GEMMs are bound by memory traffic. On a CPU, depthwise-like convolutions take
+the group route and the others a simple cost model of copied elements and
 multiply-adds; on accelerators the unfold route (few large GEMMs) is taken.
 """
 
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from kfac_tn.kernels.group_gram import group_gram_kfc
 from kfac_tn.kernels.shift_gram import shift_gram_cost, shift_gram_kfc
 from kfac_tn.kernels.unfold_gram import unfold_gram_cost, unfold_gram_kfc
 from kfac_tn.runtime.routes import launch_bound
@@ -24,7 +28,9 @@ from kfac_tn.tensor_network.geometry import ConvDim
 
 #: seconds per copied element and per multiply-add (ratio measured on 2 CPU cores)
 COPY_COST, MAC_COST = 1.0e-9, 2.0e-11
-METHODS = ("auto", "shift", "unfold")
+METHODS = ("auto", "shift", "unfold", "group")
+#: on a CPU, grouped convolutions with at most this many channels per group take ``"group"``
+GROUP_ROUTE_CHANNELS = 4
 
 
 def choose_kfc_method(dims: Sequence[ConvDim], channels: int, groups: int) -> str:
@@ -49,8 +55,15 @@ def kfc_factor(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, method: str 
     if method == "auto":
         # accelerators: one large GEMM per chunk beats many thin shift Grams (measured on
         # an H200: 3x3 conv, 64 channels, 56x56, batch 32: 18 ms shift vs 2.3 ms unfold)
-        few_launches = launch_bound(x.device)
-        method = "unfold" if few_launches else choose_kfc_method(dims, x.shape[1] // groups, groups)
+        channels = x.shape[1] // groups
+        if launch_bound(x.device):
+            method = "unfold"
+        elif groups > 1 and channels <= GROUP_ROUTE_CHANNELS and not any(d.transposed for d in dims):
+            method = "group"
+        else:
+            method = choose_kfc_method(dims, channels, groups)
+    if method == "group":
+        return group_gram_kfc(x, dims, groups)
     if method == "shift":
         return shift_gram_kfc(x, dims, groups)
     return unfold_gram_kfc(x, dims, groups)

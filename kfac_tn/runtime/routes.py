@@ -8,7 +8,7 @@ differ, kfac_tn asks :func:`launch_bound`:
 
 | computation | CPU route | accelerator route |
 |---|---|---|
-| KFAC-expand input factor (:mod:`kfc`) | cost model: shift Grams or unfold + GEMM | unfold + GEMM |
+| KFAC-expand input factor (:mod:`kfc`) | depthwise-like (<= 4 channels per group): group by group in cache-sized pieces; else cost model: shift Grams or unfold + GEMM | unfold + GEMM |
 | batch chunks of streamed contractions (:mod:`chunking`) | a few MiB | >= 64 MiB |
 | unfolding (:func:`windowed_unfold`) | per tap, except few channels per group with >= 25 taps (depthwise 5×5, 7×7: one windowed view, 3-4× faster there) | one copy from a windowed view |
 | symmetric products ``KᵀK``, ``S Sᵀ`` (``structured_products``) | lower block triangle, recursing to ~256 rows (~56% of a GEMM's time) | one GEMM |

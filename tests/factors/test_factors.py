@@ -285,10 +285,11 @@ def test_block_statistics_from_a_nan_filled_workspace_on_a_strided_transposed_co
         torch.testing.assert_close(ours, want)
 
 
-@pytest.mark.parametrize("kernel, stride, dilation", [(5, 1, 1), (7, 2, 1), (5, 1, 2)])
-def test_depthwise_windowed_unfold_on_a_cpu_equals_f_unfold(kernel, stride, dilation):
-    """Depthwise convolutions with >= 25 taps unfold from one windowed view on a CPU too
-    (routes.windowed_unfold): A and its diagonal blocks equal F.unfold's, padding included."""
+@pytest.mark.parametrize("kernel, stride, dilation", [(5, 1, 1), (7, 2, 1), (5, 1, 2), (3, 2, 1), (3, 1, 1)])
+def test_depthwise_factors_on_a_cpu_equal_f_unfold(kernel, stride, dilation):
+    """Depthwise convolutions take their own CPU routes (A group by group, kernels.group_gram;
+    blocks from one windowed view with >= 25 taps, routes.windowed_unfold): A and its
+    diagonal blocks equal F.unfold's, padding included."""
     torch.manual_seed(0)
     layer = nn.Conv2d(6, 6, kernel, stride, padding=kernel // 2, dilation=dilation, groups=6).double()
     x = torch.randn(3, 6, 11, 11, dtype=torch.float64)

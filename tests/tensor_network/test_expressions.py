@@ -1,5 +1,7 @@
 """Einsum expressions against torch's convolutions, autograd and unfoldNd (float64)."""
 
+from math import prod
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +104,7 @@ def test_expression_shape_errors():
 def test_both_kfc_methods_match_unfold_reference(case):
     """The cost model picks one evaluation per shape; each must be exact everywhere."""
     from kfac_tn.kernels.averaged_input import averaged_unfolded_input
+    from kfac_tn.kernels.group_gram import group_gram_kfc
     from kfac_tn.kernels.kfc import kfc_factor
 
     layer, x = case
@@ -112,8 +115,13 @@ def test_both_kfc_methods_match_unfold_reference(case):
         ref_reduce = reference_input_factor(layer, x, "reduce")
     finally:
         layer.bias = bias
-    for method in ("shift", "unfold"):
+    transposed = any(d.transposed for d in dims)
+    for method in ("shift", "unfold") + (() if transposed else ("group",)):
         torch.testing.assert_close(kfc_factor(xp, dims, G, method), ref)
+    if not transposed:  # pieces of one sample and of two (the last one partial for odd batches)
+        piece = ref.shape[-1] * prod(d.output_size for d in dims) * xp.element_size()
+        for samples in (1, 2):
+            torch.testing.assert_close(group_gram_kfc(xp, dims, G, piece_bytes=samples * piece), ref)
     ubar = averaged_unfolded_input(xp.unflatten(1, (G, -1)).flatten(0, 1), dims).reshape(x.shape[0], G, -1)
     torch.testing.assert_close(torch.einsum("ngi,ngj->gij", ubar, ubar) / x.shape[0], ref_reduce)
 
@@ -123,3 +131,6 @@ def test_kfc_method_is_validated():
 
     with pytest.raises(ValueError, match="Unknown KFC method 'fast'"):
         kfc_factor(torch.randn(2, 3, 5), conv_dims((5,), 3), method="fast")
+    transposed = conv_dims((5,), 3, transposed=True)
+    with pytest.raises(ValueError, match="transposed convolutions have no input windows"):
+        kfc_factor(torch.randn(2, 3, 5), transposed, method="group")
