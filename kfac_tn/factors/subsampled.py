@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from kfac_tn.factors.grad_output_factor import grad_output_rows
 from kfac_tn.factors.input_factor import _append_ones, _conv_setup, input_rows
 from kfac_tn.factors.layers import check_layer, num_positions
+from kfac_tn.kernels.group_gram import group_gram_kfc
+from kfac_tn.kernels.kfc import group_route
 from kfac_tn.kernels.unfold_gram import windows
 from kfac_tn.runtime.chunking import batch_chunk
 
@@ -47,13 +49,16 @@ def sample_positions(positions: int, subsample: float | int, generator: torch.Ge
     return torch.randperm(positions, generator=generator)[:m].sort().values
 
 
-def _conv_window_gram(layer: nn.Module, x: Tensor, chosen: Tensor, group_average: bool,
-                      chunk_bytes: int = 2**25) -> Tensor | None:
-    """``Σ rowsᵀ rows`` ``[groups, d, d]`` over the unfolded rows at the chosen positions
-    (columns ``(c, k..)``, bias column last), in batch chunks of about ``chunk_bytes``;
-    None for transposed convolutions (no windows)."""
+def _conv_window_factor(layer: nn.Module, x: Tensor, chosen: Tensor, group_average: bool,
+                        chunk_bytes: int = 2**25) -> Tensor | None:
+    """Mean of ``row rowᵀ`` ``[groups, d, d]`` over the unfolded rows at the chosen
+    positions (columns ``(c, k..)``, bias column last), in batch chunks of about
+    ``chunk_bytes`` (depthwise-like layers on a CPU: group by group, see
+    :mod:`kfac_tn.kernels.group_gram`); None for transposed convolutions (no windows)."""
     x, dims, groups = _conv_setup(layer, x, group_average)
     N, C = x.shape[0], x.shape[1] // groups
+    if group_route(x.device, dims, C, groups):
+        return group_gram_kfc(x, dims, groups, positions=chosen, ones_row=layer.bias is not None)
     view = windows(x.unflatten(1, (groups, C)), dims)  # [N, groups, C, O.., K..]
     if view is None:
         return None
@@ -68,7 +73,7 @@ def _conv_window_gram(layer: nn.Module, x: Tensor, chosen: Tensor, group_average
         if layer.bias is not None:
             rows = _append_ones(rows)
         gram.baddbmm_(rows.transpose(1, 2), rows)
-    return gram
+    return gram.div_(N * chosen.numel())
 
 
 def subsampled_input_factor(
@@ -90,13 +95,13 @@ def subsampled_input_factor(
     check_layer(layer)
     P = num_positions(layer, x)
     chosen = positions if positions is not None else sample_positions(P, subsample, generator)
-    count = x.shape[0] * chosen.numel()
-    gram = None if isinstance(layer, nn.Linear) else _conv_window_gram(layer, x, chosen, group_average)
-    if gram is None:  # Linear positions, transposed convolutions: all rows, then the chosen ones
-        full = input_rows(layer, x, "expand", group_average) * sqrt(x.shape[0] * P)  # [groups, B·P, d]
-        rows = full.unflatten(1, (x.shape[0], P)).index_select(2, chosen.to(full.device)).flatten(1, 2)
-        gram = torch.bmm(rows.transpose(1, 2), rows)
-    return gram.div_(count)
+    factor = None if isinstance(layer, nn.Linear) else _conv_window_factor(layer, x, chosen, group_average)
+    if factor is not None:
+        return factor
+    # Linear positions, transposed convolutions: all rows, then the chosen ones
+    full = input_rows(layer, x, "expand", group_average) * sqrt(x.shape[0] * P)  # [groups, B·P, d]
+    rows = full.unflatten(1, (x.shape[0], P)).index_select(2, chosen.to(full.device)).flatten(1, 2)
+    return torch.bmm(rows.transpose(1, 2), rows).div_(rows.shape[1])
 
 
 def subsampled_grad_output_factor(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from kfac_tn.kernels.group_gram import group_gram_kfc
@@ -47,6 +48,17 @@ def choose_kfc_method(dims: Sequence[ConvDim], channels: int, groups: int) -> st
     return "shift" if shift <= unfold else "unfold"
 
 
+def group_route(device: torch.device, dims: Sequence[ConvDim], channels: int, groups: int) -> bool:
+    """Whether KFAC-expand input factors go group by group (:mod:`group_gram`): on a CPU,
+    for convolutions with several groups of at most :data:`GROUP_ROUTE_CHANNELS` channels."""
+    return (
+        not launch_bound(device)
+        and groups > 1
+        and channels <= GROUP_ROUTE_CHANNELS
+        and not any(d.transposed for d in dims)
+    )
+
+
 def kfc_factor(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, method: str = "auto") -> Tensor:
     """KFAC-expand input factor ``[G, C·K.., C·K..]`` of ``x`` ``[N, G·C, I..]``, scale 1/(N·O)."""
     if method not in METHODS:
@@ -58,7 +70,7 @@ def kfc_factor(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, method: str 
         channels = x.shape[1] // groups
         if launch_bound(x.device):
             method = "unfold"
-        elif groups > 1 and channels <= GROUP_ROUTE_CHANNELS and not any(d.transposed for d in dims):
+        elif group_route(x.device, dims, channels, groups):
             method = "group"
         else:
             method = choose_kfc_method(dims, channels, groups)
