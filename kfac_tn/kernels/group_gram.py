@@ -57,53 +57,69 @@ def group_gram_kfc(
     outputs = tuple(d.output_size for d in dims)
     used = prod(outputs) if positions is None else positions.numel()
     rows = C * prod(kernel)
-    d = rows + ones_row
     # the part of the padded input that windows read, and the input inside it
     extent = tuple(d.stride * (d.output_size - 1) + d.dilation * (d.kernel_size - 1) + 1 for d in dims)
     kept = tuple(max(0, min(d.input_size, e - d.pad_left)) for d, e in zip(dims, extent))
-    chunk = max(1, min(N, piece_bytes // (d * used * x.element_size())))
+    chunk = max(1, min(N, piece_bytes // (rows * used * x.element_size())))
     padded = x.new_zeros((chunk, C) + extent)  # borders stay zero: the padding
     interior = padded[(slice(None), slice(None)) + tuple(slice(d.pad_left, d.pad_left + k) for d, k in zip(dims, kept))]
     source = x[(slice(None), slice(None)) + tuple(slice(0, k) for k in kept)].unflatten(1, (groups, C))
-    piece = x.new_empty(d * chunk * used)
-    factor = x.new_zeros(groups, d, d)
-    # [C, K.., n, O..]: tap k of output o reads padded position o·S + k·D
+    piece = x.new_empty(rows * chunk * used)
+    factor = x.new_zeros(groups, rows + ones_row, rows + ones_row)
+    core = factor[:, :rows, :rows]
+    for start in range(0, N, chunk):
+        n = min(chunk, N - start)
+        if positions is None:  # [C, K.., n, O..]: tap k of output o reads padded position o·S + k·D
+            windows = padded.as_strided((C,) + kernel + (n,) + outputs, _window_strides(padded, dims))
+            unfolded = piece[: rows * n * used].view(windows.shape)
+        else:  # runs of the last dimension's taps, gathered at the chosen positions' windows
+            runs, starts = _run_gather(padded, dims, positions, n)
+            unfolded = piece[: rows * n * used].view(starts.numel(), kernel[-1])
+        for g in range(groups):
+            interior[:n].copy_(source[start : start + n, g])
+            if positions is None:
+                unfolded.copy_(windows)
+                u = unfolded.view(rows, -1)  # [(c, k..), (n, o..)]
+                core[g].addmm_(u, u.T)
+                total = u.sum(1) if ones_row else None
+            else:
+                torch.index_select(runs, 0, starts, out=unfolded)
+                u = unfolded.view(-1, rows)  # [(n, m), (c, k..)]
+                core[g].addmm_(u.T, u)
+                total = u.sum(0) if ones_row else None
+            if total is not None:
+                factor[g, rows, :rows].add_(total)
+                factor[g, :rows, rows].add_(total)
+    if ones_row:
+        factor[:, rows, rows] = N * used
+    return factor.div_(N * used)
+
+
+def _window_strides(padded: Tensor, dims: tuple[ConvDim, ...]) -> tuple[int, ...]:
+    """Strides of the ``[C, K.., n, O..]`` window view of ``padded`` ``[n, C, E..]``."""
     spatial = padded.stride()[2:]
-    view_strides = (
+    return (
         (padded.stride(1),)
         + tuple(d.dilation * s for d, s in zip(dims, spatial))
         + (padded.stride(0),)
         + tuple(d.stride * s for d, s in zip(dims, spatial))
     )
-    for start in range(0, N, chunk):
-        n = min(chunk, N - start)
-        u = piece[: d * n * used].view(d, n * used)
-        if ones_row:
-            u[rows].fill_(1.0)
-        windows = padded.as_strided((C,) + kernel + (n,) + outputs, view_strides, padded.storage_offset())
-        if positions is None:
-            target, taps = u[:rows].view(windows.shape), None
-        else:  # the chosen positions' entries of the strided view, gathered by flat offset
-            taps = _gather_offsets(windows, positions, len(dims))
-            target = u[:rows].view(-1)
-        for g in range(groups):
-            interior[:n].copy_(source[start : start + n, g])
-            if taps is None:
-                target.copy_(windows)
-            else:
-                torch.index_select(padded.view(-1), 0, taps, out=target)
-            factor[g].addmm_(u, u.T)
-    return factor.div_(N * used)
 
 
-def _gather_offsets(windows: Tensor, positions: Tensor, spatial_dims: int) -> Tensor:
-    """Storage offsets of ``windows[c, k.., n, o..]`` ``[C, K.., n, O..]`` at the flat
-    output positions ``positions`` (m of them), flattened in ``(c, k.., n, m)`` order."""
-    lead_shape, outputs = windows.shape[:-spatial_dims], windows.shape[-spatial_dims:]
-    lead_strides, out_strides = windows.stride()[:-spatial_dims], windows.stride()[-spatial_dims:]
-    lead = torch.zeros((), dtype=torch.long, device=windows.device) + windows.storage_offset()
-    for size, stride in zip(lead_shape, lead_strides):
-        lead = (lead.unsqueeze(-1) + stride * torch.arange(size, device=windows.device)).flatten()
-    index = torch.unravel_index(positions.to(windows.device), tuple(outputs))
-    chosen = sum(stride * i for stride, i in zip(out_strides, index))
-    return (lead.unsqueeze(-1) + chosen).flatten()
+def _run_gather(padded: Tensor, dims: tuple[ConvDim, ...], positions: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``(runs, starts)``: ``runs[i]`` are the last dimension's K taps read from storage
+    offset ``i`` of ``padded`` ``[chunk, C, E..]`` (an overlapping view), and ``starts``
+    the offsets of the runs that make up the windows of the first ``n`` samples at
+    ``positions``, in ``(n, m, c, k..)`` order (all but the last kernel dimension)."""
+    last = dims[-1]
+    reach = last.dilation * (last.kernel_size - 1)
+    runs = padded.view(-1).as_strided((padded.numel() - reach, last.kernel_size), (1, last.dilation))
+    spatial = padded.stride()[2:]
+    device = padded.device
+    index = torch.unravel_index(positions.to(device), tuple(d.output_size for d in dims))
+    base = sum(d.stride * s * i for d, s, i in zip(dims, spatial, index))  # [m]
+    base = (torch.arange(n, device=device) * padded.stride(0)).unsqueeze(1) + base  # [n, m]
+    taps = torch.arange(padded.shape[1], device=device) * padded.stride(1)  # [C]
+    for d, s in zip(dims[:-1], spatial[:-1]):
+        taps = (taps.unsqueeze(1) + d.dilation * s * torch.arange(d.kernel_size, device=device)).flatten()
+    return runs, (base.reshape(-1, 1) + taps).flatten()

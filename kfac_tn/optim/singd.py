@@ -58,8 +58,11 @@ from kfac_tn.factors import (
     input_factor_diagonal_sum,
     input_row_chunks,
     input_rows,
+    subsampled_grad_output_factor,
+    subsampled_input_factor,
 )
 from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, as_called, num_positions
+from kfac_tn.factors.subsampled import sample_count
 from kfac_tn.optim.block_bank import BlockBank
 from kfac_tn.optim.deferred import DeferredFlags
 from kfac_tn.optim.diagonal_bank import DiagonalBank
@@ -168,6 +171,13 @@ class SINGD(StockSINGD):
             update runs on one rank. In between: groups of ``round(fraction·world)``
             ranks get layers by a greedy cost model (d_K³ + d_C³ per block), each group's
             leader broadcasts the new K, C and momenta. Every rank holds all K/C.
+        subsample: randomized KFAC-expand statistics from a random subset of output
+            positions (a fraction in (0, 1] or a count; a fresh subset per layer call and
+            statistics step from torch's global generator; unbiased, see
+            :mod:`kfac_tn.factors.subsampled`). Each layer's randomized A and G are formed
+            densely (d² and D², also for diagonal or block-diagonal K/C, whose fused banks
+            are then not used). Needs ``kfac_approx="expand"``. ``None`` (default): all
+            positions.
     """
 
     SUPPORTED_MODULES = SUPPORTED_LAYERS
@@ -202,6 +212,7 @@ class SINGD(StockSINGD):
         grouped_conv: str = "exact",
         natural_gradient_cache: str = "memory",
         update_worker_fraction: float = 1.0,
+        subsample: float | int | None = None,
     ):
         check_model(model)
         model = unwrap_model(model)
@@ -217,6 +228,9 @@ class SINGD(StockSINGD):
         self.natural_gradient_cache = natural_gradient_cache
         fraction("update_worker_fraction", update_worker_fraction)
         self.update_worker_fraction = float(update_worker_fraction)
+        if subsample is not None:
+            sample_count(1, subsample)  # validates it
+        self.subsample = subsample
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
         self._dims_cache: dict[tuple, Tensor] = {}
         self._warned_never_called: set[str] = set()
@@ -249,6 +263,9 @@ class SINGD(StockSINGD):
                 **{k: group[k] for k in ("lr", "momentum", "damping", "alpha1", "weight_decay",
                                          "T", "lr_cov", "structures", "kfac_approx", "loss_average")},
             )
+            if subsample is not None and group["kfac_approx"] != "expand":
+                raise ValueError("subsample samples output positions of KFAC-expand statistics: "
+                                 "use kfac_approx='expand'.")
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -333,6 +350,8 @@ class SINGD(StockSINGD):
         dtype for K and C, and every rank updating every layer."""
         K_structure, C_structure = structures
         if K_structure != C_structure or dtype_K != dtype_C or self.update_worker_fraction != 1.0:
+            return None
+        if self.subsample is not None:  # randomized statistics come as dense A and G
             return None
         if K_structure == "diagonal":
             return K_structure
@@ -444,8 +463,14 @@ class SINGD(StockSINGD):
             g = g * sqrt(g_share / prev_grad_scale)
         Ks = [_cast(K, stat_K) for K in self._K_blocks[name]]
         Cs = [_cast(C, stat_C) for C in self._C_blocks[name]]
-        H_K = self._H_K(layer, a, Ks, kfac_approx)
-        H_C = self._H_C(layer, g, Cs, kfac_approx, loss_average)
+        if self.subsample is None:
+            H_K = self._H_K(layer, a, Ks, kfac_approx)
+            H_C = self._H_C(layer, g, Cs, kfac_approx, loss_average)
+        else:
+            A = subsampled_input_factor(layer, a, self.subsample, self._group_average)
+            G = subsampled_grad_output_factor(layer, g, self.subsample, loss_average, self._group_average)
+            H_K = [_sandwich(K, x) for K, x in zip(Ks, A)]
+            H_C = [_sandwich(C, x) for C, x in zip(Cs, G)]
         if is_distributed():
             # factors of different ranks cannot be summed: densify, then one bucket per layer
             H_K = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_K]

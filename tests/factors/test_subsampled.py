@@ -15,6 +15,7 @@ LAYERS = {
     "depthwise conv1d, reflect padding": (lambda: nn.Conv1d(3, 3, 3, padding=1, groups=3, padding_mode="reflect"),
                                           (2, 3, 7)),
     "depthwise strided conv2d with bias": (lambda: nn.Conv2d(3, 3, 3, stride=2, padding=1, groups=3), (2, 3, 4, 3)),
+    "dilated depthwise conv3d": (lambda: nn.Conv3d(2, 2, 2, padding=1, dilation=(1, 2, 1), groups=2), (2, 2, 2, 3, 1)),
     "conv_transpose2d": (lambda: nn.ConvTranspose2d(3, 2, 2, stride=2), (2, 3, 2, 2)),
     "linear over positions": (lambda: nn.Linear(3, 4), (2, 5, 3)),
 }

@@ -519,3 +519,62 @@ def test_public_matrices_have_singd_types():
 
     with pytest.raises(ValueError, match="grouped_conv='average'"):
         stock_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_subsample_of_all_positions_matches_stock(structure, stock_float64):
+    """subsample=1.0 samples every position: the randomized statistics route (dense A and G
+    sandwiched into every structure, no fused banks) gives stock singd's trajectory."""
+    dtype = torch.float64
+    data = _data((6, 3, 7, 7), dtype=dtype)
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, structures=(structure, structure), weight_decay=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m1, m2 = _cnn().to(dtype), _cnn().to(dtype)
+        ref = _train(m1, StockSINGD(m1, **kwargs), data, 3)
+        ours = _train(m2, kfac_tn.SINGD(m2, subsample=1.0, **kwargs), data, 3)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_subsampled_statistics_are_those_of_the_sampled_positions(monkeypatch):
+    """With K = C = I (the first step), H_K and H_C are the randomized A and G of the
+    sampled positions (unbiased: tests/factors/test_subsampled.py); runs are reproducible
+    under torch's seed; KFAC-reduce and bad fractions are clear errors."""
+    import kfac_tn.factors.subsampled as subsampled
+
+    dtype = torch.float64
+    X, y = _data((6, 3, 7, 7), dtype=dtype)
+    model = _cnn().to(dtype)
+    monkeypatch.setattr(subsampled, "sample_positions", lambda P, s, generator=None: torch.arange(min(s, P)))
+    seen = {}
+
+    def watch(module, inputs, output):
+        seen["x"] = inputs[0]
+        output.register_hook(lambda g: seen.update(g=g))
+
+    hook = model[0].register_forward_hook(watch)
+    opt = kfac_tn.SINGD(model, subsample=5, T=1)
+    nn.functional.cross_entropy(model(X), y).backward()
+    hook.remove()
+    first = torch.arange(5)
+    A = subsampled.subsampled_input_factor(model[0], seen["x"], 5, positions=first)[0]
+    G = subsampled.subsampled_grad_output_factor(model[0], seen["g"], 5, positions=first)[0]
+    torch.testing.assert_close(opt.H_Ks["0"].to_dense(), A)
+    torch.testing.assert_close(opt.H_Cs["0"].to_dense(), G)
+    assert not torch.allclose(A, kfac_tn.input_factor(model[0], seen["x"])[0])
+    monkeypatch.undo()
+
+    def run(seed):
+        m = _cnn().to(dtype)  # seeds torch itself
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _train(m, kfac_tn.SINGD(m, lr=0.1, T=1, subsample=0.25), (X, y), 2)
+
+    torch.testing.assert_close(run(0), run(0), rtol=0, atol=0)
+    assert not torch.equal(run(0), run(1))
+    with pytest.raises(ValueError, match="kfac_approx='expand'"):
+        kfac_tn.SINGD(_cnn(), kfac_approx="reduce", subsample=0.5)
+    for bad in (0.0, 1.5, 0, True):
+        with pytest.raises(ValueError, match="subsample"):
+            kfac_tn.SINGD(_cnn(), subsample=bad)
