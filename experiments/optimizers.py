@@ -22,7 +22,7 @@ HYPERPARAMETER_TYPES = {
     "kfac_approx": str, "kfac_like": bool, "normalize_lr_cov": bool, "init_grad_scale": (int, float),
     "grouped_conv": str, "natural_gradient_cache": str, "update_worker_fraction": (int, float),
     "ema_decay": (int, float), "pi_damping": bool, "factor_update_freq": int, "inverse_update_freq": int,
-    "inverse_method": str, "kl_clip": (int, float),
+    "inverse_method": str, "kl_clip": (int, float), "subsample": (int, float),
 }
 
 
