@@ -4,6 +4,9 @@
 - ``digits``: scikit-learn's 8×8 handwritten digits (1,797 images, shipped with the
   package), upsampled to ``image_size`` and repeated over 3 channels; a real, small
   data set to show convergence offline.
+- ``digits_denoise``: a dense-prediction task from the same images: the input is a
+  digit with Gaussian noise (σ = 0.5 on the [-1, 1] scale, drawn once per image from the
+  seed), the target the clean digit ``[3, S, S]``; for ``unet_small``.
 - ``cifar10`` / ``cifar100``: the official "python version" folders (``data_batch_1``…
   ``data_batch_5`` and ``test_batch``; or ``train`` and ``test``), read with pickle.
 """
@@ -17,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-DATASETS = ("synthetic", "digits", "cifar10", "cifar100")
+DATASETS = ("synthetic", "digits", "digits_denoise", "cifar10", "cifar100")
+#: data sets whose targets are images (per-pixel regression), not class labels
+DENSE_DATASETS = ("digits_denoise",)
+NOISE_STD = 0.5
 
 
 class DataError(ValueError):
@@ -46,6 +52,15 @@ def _digits(image_size: int, seed: int):
     X, y = X[perm], y[perm]
     n_test = len(y) // 5
     return (X[n_test:], y[n_test:]), (X[:n_test], y[:n_test]), 10
+
+
+def _digits_denoise(image_size: int, seed: int):
+    """Noisy digits as inputs, clean ones as targets; the third value is the number of
+    output channels."""
+    (train, _), (test, _), _ = _digits(image_size, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    noisy = [X + NOISE_STD * torch.randn(X.shape, generator=gen) for X in (train, test)]
+    return (noisy[0], train), (noisy[1], test), train.shape[1]
 
 
 def _unpickle(path: Path) -> dict:
@@ -100,11 +115,14 @@ def load_data(
     n_test: int = 128,
     seed: int = 0,
 ) -> tuple[TensorDataset, TensorDataset, int]:
-    """Train and test sets and the number of classes."""
+    """Train and test sets and the number of classes (for ``DENSE_DATASETS``: of output
+    channels per pixel)."""
     if name == "synthetic":
         train, test, classes = _synthetic(n_train, n_test, num_classes, image_size, seed)
     elif name == "digits":
         train, test, classes = _digits(image_size, seed)
+    elif name == "digits_denoise":
+        train, test, classes = _digits_denoise(image_size, seed)
     elif name in ("cifar10", "cifar100"):
         train, test, classes = _cifar(data_dir, name)
     else:

@@ -1,10 +1,15 @@
 """Model registry: CIFAR-style ResNet18 and VGG19 (with BatchNorm), small ConvNeXt- and
-MobileNetV2-style networks, and small test models."""
+MobileNetV2-style networks, a small U-Net for dense prediction, and small test models.
+
+Classifiers map ``[B, in_channels, H, W]`` to ``[B, num_classes]``; dense-prediction
+models (``dense_prediction = True``) map it to ``[B, num_classes, H, W]`` (one value per
+output channel and pixel)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 
@@ -181,10 +186,46 @@ class MobileNetV2CIFAR(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
+class UNetSmall(nn.Module):
+    """A small U-Net: two stride-2 3×3 down-sampling convolutions, two ConvTranspose2d
+    up-sampling layers called with ``output_size=`` (as decoders do, so that any input size
+    comes back), skip connections by concatenation, BatchNorm + ReLU, a 1×1 head."""
+
+    dense_prediction = True
+
+    def __init__(self, num_classes: int = 3, in_channels: int = 3, width: int = 16) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+        w = width
+        self.enc1 = nn.Sequential(block(in_channels, w), block(w, w))
+        self.enc2 = nn.Sequential(block(w, 2 * w, 2), block(2 * w, 2 * w))
+        self.bottleneck = nn.Sequential(block(2 * w, 4 * w, 2), block(4 * w, 4 * w))
+        self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 3, stride=2, padding=1)
+        self.dec2 = nn.Sequential(block(4 * w, 2 * w), block(2 * w, 2 * w))
+        self.up1 = nn.ConvTranspose2d(2 * w, w, 3, stride=2, padding=1)
+        self.dec1 = nn.Sequential(block(2 * w, w), block(w, w))
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s1 = self.enc1(x)
+        s2 = self.enc2(s1)
+        up = self.up2(self.bottleneck(s2), output_size=s2.shape[-2:]).relu()
+        up = self.up1(self.dec2(torch.cat([up, s2], 1)), output_size=s1.shape[-2:]).relu()
+        return self.head(self.dec1(torch.cat([up, s1], 1)))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18, "vgg19": VGG19, "small_cnn": SmallCNN, "mixed_cnn": MixedCNN,
-    "convnext_cifar": ConvNeXtCIFAR, "mobilenetv2_cifar": MobileNetV2CIFAR,
+    "convnext_cifar": ConvNeXtCIFAR, "mobilenetv2_cifar": MobileNetV2CIFAR, "unet_small": UNetSmall,
 }
+
+
+def is_dense_prediction(model: nn.Module) -> bool:
+    """Whether ``model`` predicts per pixel (``[B, C, H, W]``) rather than per image."""
+    return getattr(model, "dense_prediction", False)
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:

@@ -1,5 +1,9 @@
 """Train a registered model with SGD, stock SINGD, kfac_tn's SINGD or kfac_tn's KFAC.
 
+Classification (cross-entropy, accuracy) or, for data sets with image targets
+(``digits_denoise``) and dense-prediction models (``unet_small``), per-pixel regression
+(mean squared error, PSNR).
+
     python -m experiments.train --config configs/train_resnet18_singd_tn_synthetic.yaml [key=value ...] [--resume]
 
 Writes ``metrics.csv`` / ``metrics.json`` (one row per epoch) and ``last.pt`` (written
@@ -15,6 +19,7 @@ trained by a fallback SGD with the same lr/momentum/weight decay.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -25,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from experiments.config import ConfigError, apply_overrides, check_keys, compose, load_yaml
-from experiments.data import DATASETS, DataError, load_data
+from experiments.data import DATASETS, DENSE_DATASETS, DataError, load_data
 from experiments.models import MODELS, build_model
 from experiments.optimizers import (
     HYPERPARAMETER_TYPES,
@@ -67,6 +72,11 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
     check_keys(opt, OPTIMIZER, "config.optimizer")
     if data.get("name", "synthetic") not in DATASETS:
         raise ConfigError(f"config.data.name {data['name']!r} is unknown; available: {DATASETS}.")
+    dense_model = getattr(MODELS[config["model"]], "dense_prediction", False)
+    if dense_model != (data.get("name", "synthetic") in DENSE_DATASETS):
+        need = "a dense-prediction data set " + str(DENSE_DATASETS) if dense_model else "a classification data set"
+        raise ConfigError(f"config.model {config['model']!r} needs {need}; config.data.name is "
+                          f"{data.get('name', 'synthetic')!r}.")
     if opt.get("name") not in OPTIMIZERS:
         raise ConfigError(f"config.optimizer.name {opt.get('name')!r} is unknown; available: {OPTIMIZERS}.")
     takes = optimizer_arguments(opt["name"])
@@ -108,15 +118,44 @@ def save_atomically(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: the targets' range of the dense-prediction data (images in [-1, 1]), for PSNR
+PEAK_TO_PEAK = 2.0
+
+
+def loss_of(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy for class labels, mean squared error (per element) for image targets."""
+    if y.is_floating_point():
+        loss = torch.nn.functional.mse_loss(out, y, reduction="sum")
+        return loss / y[0].numel() if reduction == "sum" else loss / y.numel()
+    return torch.nn.functional.cross_entropy(out, y, reduction=reduction)
+
+
+def _hits(out: torch.Tensor, y: torch.Tensor) -> float:
+    """Correct predictions (classification) or nothing (regression)."""
+    return 0.0 if y.is_floating_point() else float((out.argmax(1) == y).sum().item())
+
+
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio [dB] of a mean squared error on targets in [-1, 1]."""
+    return 10 * math.log10(PEAK_TO_PEAK**2 / max(mse, 1e-12))
+
+
+def _metrics(prefix: str, loss: float, hits: float, dense: bool) -> dict:
+    """``{prefix}_loss`` and ``{prefix}_acc`` (classification) or ``{prefix}_psnr``."""
+    return {f"{prefix}_loss": loss, f"{prefix}_psnr": psnr(loss)} if dense else {
+        f"{prefix}_loss": loss, f"{prefix}_acc": hits}
+
+
 def _evaluate(model, loader, device) -> tuple[float, float]:
+    """Mean loss and accuracy (0 for regression) over ``loader``."""
     model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
+    total, correct, loss_sum = 0, 0.0, 0.0
     with torch.no_grad():
         for X, y in loader:
             X, y = X.to(device), y.to(device)
             out = model(X)
-            loss_sum += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
-            correct += (out.argmax(1) == y).sum().item()
+            loss_sum += loss_of(out, y, reduction="sum").item()
+            correct += _hits(out, y)
             total += len(y)
     model.train()
     return loss_sum / max(total, 1), correct / max(total, 1)
@@ -165,6 +204,7 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
         data_cfg.get("num_classes", 10), data_cfg.get("n_train", 512), data_cfg.get("n_test", 128), seed,
     )
     model = build_model(config["model"], num_classes=classes).to(device)
+    dense = data_cfg.get("name", "synthetic") in DENSE_DATASETS
     name = opt_cfg.pop("name")
     try:
         optimizer = build_optimizer(model, name, **opt_cfg)
@@ -207,7 +247,7 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
             optimizer.zero_grad()
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 out = model(X)
-                loss = torch.nn.functional.cross_entropy(out, y)
+                loss = loss_of(out, y)
             scaler.scale(loss).backward()
             if world > 1 and optimizer.fallback is not None:
                 grads = [p.grad for g in optimizer.fallback.param_groups for p in g["params"] if p.grad is not None]
@@ -216,22 +256,25 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
                 scaler.step(opt)
             scaler.update()
             loss_sum += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
+            correct += _hits(out, y)
             seen += len(y)
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", s_per_step=f"{elapsed / (step + 1):.2f}")
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", s_per_step=f"{elapsed / (step + 1):.2f}")
         test_loss, test_acc = _evaluate(model, test_loader, device)
         history.append({
-            "epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "test_loss": test_loss, "test_acc": test_acc,
+            "epoch": epoch,
+            **_metrics("train", loss_sum / max(seen, 1), correct / max(seen, 1), dense),
+            **_metrics("test", test_loss, test_acc, dense),
             "seconds_per_step": (time.perf_counter() - start) / max(steps, 1),
         })
         if rank > 0:
             continue
         write_rows(history, out_dir / "metrics")
         h = history[-1]
-        print(f"epoch {epoch + 1}/{epochs}: train loss {h['train_loss']:.4f} acc {h['train_acc']:.3f} | test loss "
-              f"{h['test_loss']:.4f} acc {h['test_acc']:.3f} | {h['seconds_per_step']:.3f} s/step", flush=True)
+        metric, unit = ("psnr", " dB") if dense else ("acc", "")
+        print(f"epoch {epoch + 1}/{epochs}: train loss {h['train_loss']:.4f} {metric} {h['train_' + metric]:.3f}{unit}"
+              f" | test loss {h['test_loss']:.4f} {metric} {h['test_' + metric]:.3f}{unit}"
+              f" | {h['seconds_per_step']:.3f} s/step", flush=True)
         if (every and (epoch + 1) % every == 0) or epoch + 1 == epochs:
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,
