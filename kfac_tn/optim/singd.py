@@ -66,6 +66,19 @@ from kfac_tn.factors.subsampled import sample_count
 from kfac_tn.optim.block_bank import BlockBank
 from kfac_tn.optim.deferred import DeferredFlags
 from kfac_tn.optim.diagonal_bank import DiagonalBank
+from kfac_tn.optim.factor_statistics import (
+    grad_output_statistics,
+    input_statistics,
+    sandwich_dense,
+    sandwich_statistics,
+)
+from kfac_tn.optim.sharding import (
+    assign_owners,
+    broadcast_from_owners,
+    gather_layer_states,
+    reduce_to_owner_async,
+    reduce_to_owners,
+)
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
     all_reduce_flat_async,
@@ -178,6 +191,15 @@ class SINGD(StockSINGD):
             densely (d² and D², also for diagonal or block-diagonal K/C, whose fused banks
             are then not used). Needs ``kfac_approx="expand"``. ``None`` (default): all
             positions.
+        shard_preconditioner: with torch.distributed, keep each layer's K, C and momenta
+            on one rank only (owners balance the bytes, :mod:`kfac_tn.optim.sharding`):
+            about 1/world of the preconditioner memory per rank. Statistics go to the
+            owner, which updates K, C and broadcasts the layer's natural gradient; results
+            equal the unsharded run up to rounding. ``Ks``/``Cs``/... show the layers this
+            rank owns; :meth:`state_dict` gathers the whole state on every rank (a
+            world-size independent checkpoint), :meth:`load_state_dict` keeps the owned
+            layers. Per-layer storage (no fused banks); excludes ``update_worker_fraction``.
+            No effect without an initialized process group.
     """
 
     SUPPORTED_MODULES = SUPPORTED_LAYERS
@@ -213,6 +235,7 @@ class SINGD(StockSINGD):
         natural_gradient_cache: str = "memory",
         update_worker_fraction: float = 1.0,
         subsample: float | int | None = None,
+        shard_preconditioner: bool = False,
     ):
         check_model(model)
         model = unwrap_model(model)
@@ -231,6 +254,13 @@ class SINGD(StockSINGD):
         if subsample is not None:
             sample_count(1, subsample)  # validates it
         self.subsample = subsample
+        if not isinstance(shard_preconditioner, bool):
+            raise ValueError(f"shard_preconditioner must be True or False, got {shard_preconditioner!r}.")
+        if shard_preconditioner and update_worker_fraction != 1.0:
+            raise ValueError("shard_preconditioner=True updates each layer on its owner only; it excludes "
+                             "update_worker_fraction (leave it at 1.0).")
+        self.shard_preconditioner = shard_preconditioner
+        self._owner_of: dict[str, int] | None = None  # sharded: layer -> owning rank
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}
         self._dims_cache: dict[tuple, Tensor] = {}
         self._warned_never_called: set[str] = set()
@@ -299,8 +329,12 @@ class SINGD(StockSINGD):
 
     def _initialize_buffers(self) -> None:
         self._layouts = {name: (m.weight.device, m.weight.dtype) for m, name in self.module_names.items()}
+        if self.shard_preconditioner and is_distributed():
+            self._owner_of = assign_owners(self._state_bytes(), dist.get_world_size())
         banked: dict[tuple, dict[str, tuple[int, int, int]]] = {}
         for module, name in self.module_names.items():
+            if not self._owns(name):
+                continue
             dim_K, dim_C = block_dims(module, self._group_average)
             (dtype_K, dtype_C), dev = self._get_preconditioner_dtypes_and_device(module)
             structures = self._get_param_group_entry(module, "structures")
@@ -344,6 +378,22 @@ class SINGD(StockSINGD):
             store.clear()
             store.update({name: items[name] for name in order if name in items})
 
+    def _owns(self, name: str) -> bool:
+        """Whether this rank holds layer ``name``'s preconditioner (always, unless sharded)."""
+        return self._owner_of is None or self._owner_of[name] == dist.get_rank()
+
+    def _state_bytes(self) -> dict[str, float]:
+        """Per layer: bytes of its K, C and momenta, which sharding balances over ranks."""
+        out = {}
+        for module, name in self.module_names.items():
+            dim_K, dim_C = block_dims(module, self._group_average)
+            (dtype_K, dtype_C), _ = self._get_preconditioner_dtypes_and_device(module)
+            K_cls, C_cls = (self.SUPPORTED_STRUCTURES[s] for s in self._get_param_group_entry(module, "structures"))
+            per_block = (_elements(K_cls, dim_K) * dtype_K.itemsize + _elements(C_cls, dim_C) * dtype_C.itemsize)
+            momenta = 2 if self._get_param_group_entry(module, "alpha1") != 0.0 else 1
+            out[name] = float(num_blocks(module, self._group_average) * per_block * momenta)
+        return out
+
     def _bank_kind(self, structures, dtype_K: torch.dtype, dtype_C: torch.dtype) -> str | None:
         """The structure whose bank holds a layer's K and C (``"diagonal"`` or a block-diagonal
         structure's name), or None for per-layer storage: banks need one structure and one
@@ -351,7 +401,7 @@ class SINGD(StockSINGD):
         K_structure, C_structure = structures
         if K_structure != C_structure or dtype_K != dtype_C or self.update_worker_fraction != 1.0:
             return None
-        if self.subsample is not None:  # randomized statistics come as dense A and G
+        if self.subsample is not None or self.shard_preconditioner:  # dense A and G / per-layer storage
             return None
         if K_structure == "diagonal":
             return K_structure
@@ -404,7 +454,7 @@ class SINGD(StockSINGD):
                 H = part if H is None else [h.add_(p) for h, p in zip(H, part)]
             return H
         A = input_factor(module, x, approx, ga)  # [G, d, d]
-        return [_sandwich(K, a) for K, a in zip(Ks, A)]
+        return [sandwich_dense(K, a) for K, a in zip(Ks, A)]
 
     def _H_C(self, module: nn.Module, g: Tensor, Cs: list[StructuredMatrix], approx: str, loss_average) -> list:
         ga = self._group_average
@@ -421,7 +471,7 @@ class SINGD(StockSINGD):
         if _factored_is_cheaper(rows.shape[1], rows.shape[2], Cs[0]):
             return [_inner_with(C, r.T) for C, r in zip(Cs, rows)]
         grams = torch.bmm(rows.transpose(1, 2), rows)
-        return [_sandwich(C, gram) for C, gram in zip(Cs, grams)]
+        return [sandwich_dense(C, gram) for C, gram in zip(Cs, grams)]
 
     def _accumulate_H_terms(self, module: nn.Module, inputs: tuple[Tensor], grad_output: Tensor) -> None:
         """Statistics of one backward pass, in at least float32 whatever K/C are stored in."""
@@ -461,16 +511,21 @@ class SINGD(StockSINGD):
             return
         if prev_grad_scale != 1.0 or g_share != 1.0:
             g = g * sqrt(g_share / prev_grad_scale)
+        if self._owner_of is not None:
+            self._reduce_statistics_to_owner(name, layer, a, g, kfac_approx, loss_average)
+            return
         Ks = [_cast(K, stat_K) for K in self._K_blocks[name]]
         Cs = [_cast(C, stat_C) for C in self._C_blocks[name]]
         if self.subsample is None:
             H_K = self._H_K(layer, a, Ks, kfac_approx)
             H_C = self._H_C(layer, g, Cs, kfac_approx, loss_average)
         else:
-            A = subsampled_input_factor(layer, a, self.subsample, self._group_average)
-            G = subsampled_grad_output_factor(layer, g, self.subsample, loss_average, self._group_average)
-            H_K = [_sandwich(K, x) for K, x in zip(Ks, A)]
-            H_C = [_sandwich(C, x) for C, x in zip(Cs, G)]
+            ga = self._group_average
+            H_K = sandwich_statistics(Ks, input_statistics(layer, a, type(Ks[0]), kfac_approx, ga, self.subsample),
+                                      self.subsample)
+            H_C = sandwich_statistics(
+                Cs, grad_output_statistics(layer, g, type(Cs[0]), kfac_approx, loss_average, ga, self.subsample),
+                self.subsample)
         if is_distributed():
             # factors of different ranks cannot be summed: densify, then one bucket per layer
             H_K = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_K]
@@ -481,6 +536,18 @@ class SINGD(StockSINGD):
             self._in_flight.append((name, H_K, H_C, finish))
             return
         self._add_statistics(name, H_K, H_C)
+
+    def _reduce_statistics_to_owner(self, name: str, layer: nn.Module, a: Tensor, g: Tensor, approx: str,
+                                    loss_average: str | None) -> None:
+        """Sharded: this rank's preconditioner-free statistics of a layer, sent (averaged
+        over ranks) to the layer's owner, who sandwiches them with K and C at the step."""
+        structures = self._get_param_group_entry(layer, "structures")
+        K_cls, C_cls = (self.SUPPORTED_STRUCTURES[s] for s in structures)
+        ga = self._group_average
+        raw_K = input_statistics(layer, a, K_cls, approx, ga, self.subsample)
+        raw_C = grad_output_statistics(layer, g, C_cls, approx, loss_average, ga, self.subsample)
+        finish = reduce_to_owner_async(raw_K + raw_C, self._owner_of[name], average=True)
+        self._in_flight.append((name, raw_K, raw_C, finish))
 
     def _add_statistics(self, name: str, H_K: list, H_C: list) -> None:
         if name in self._H_K_blocks:
@@ -580,6 +647,12 @@ class SINGD(StockSINGD):
         in_flight, self._in_flight = self._in_flight, []
         for name, H_K, H_C, finish in in_flight:
             finish()
+            if self._owner_of is not None:  # sharded: raw statistics, sandwiched by the owner
+                if name not in self._K_blocks:
+                    continue
+                Ks, Cs = self._K_blocks[name], self._C_blocks[name]
+                H_K = sandwich_statistics([_cast(K, H_K[0].dtype) for K in Ks], H_K, self.subsample)
+                H_C = sandwich_statistics([_cast(C, H_C[0].dtype) for C in Cs], H_C, self.subsample)
             self._add_statistics(name, H_K, H_C)
 
     @torch.compiler.disable  # under torch.compile(opt.step): eager, already fused; no recompiles
@@ -628,32 +701,66 @@ class SINGD(StockSINGD):
         for group_idx, group in enumerate(self.param_groups):
             hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], ok=ok)
             params, steps = [], []
-            for module, name in self.module_names.items():
-                if module.weight.grad is None or self.param_to_group_idx[module.weight.data_ptr()] != group_idx:
-                    continue  # the layer took no part in this step's loss, or is in another group
-                if isinstance(self._bank_of.get(name), DiagonalBank):
-                    pairs = self._bank_natural_gradient(module, name)
-                else:
-                    nats = self._compute_natural_gradient(module)
-                    pairs = [(p, n) for p, n in zip((module.weight, module.bias), nats)
-                             if p is not None and p.grad is not None]
+            modules = [(module, name) for module, name in self.module_names.items()
+                       if module.weight.grad is not None and self.param_to_group_idx[module.weight.data_ptr()] == group_idx]
+            # (skipped: layers that took no part in this step's loss, or are in another group)
+            if self._owner_of is not None:  # sharded: the owners' natural gradients of the whole batch
+                all_pairs = self._sharded_natural_gradients(modules, group["loss_average"] is not None)
+            else:
+                all_pairs = [self._natural_gradient_pairs(module, name) for module, name in modules]
+            for pairs in all_pairs:
                 for p, nat in pairs:
                     if id(p) in self._own_params:  # a bias not given to the optimizer stays put
                         params.append(p)
                         steps.append(nat)
+            # sharded: the preconditioned directions are those of the whole batch already
+            reduce_from = len(steps) if self._owner_of is not None else 0
             for p in self._unpreconditioned[group_idx]:  # e.g. BitFit biases: SGD directions
                 if p.grad is not None:
                     params.append(p)
                     steps.append(p.grad.clone())  # the update works in place on its steps
             if params:  # one foreach update for the whole group
                 if is_distributed():
-                    reduce_gradients_(steps, group["loss_average"] is not None, self._capture.ddp_synced)
+                    reduce_gradients_(steps[reduce_from:], group["loss_average"] is not None,
+                                      self._capture.ddp_synced)
                 apply_updates_([p.data for p in params], steps, momentum_buffers(self.state, params, group["momentum"]),
                                workspaces=self._natural_gradient_workspace.in_use(), **hyper)
                 self._natural_gradient_workspace.reset()
         self._deferred.post(~ok, self._warn_skipped_step)
         self.steps += 1
         self._remove_used_grad_scales()
+
+    def _natural_gradient_pairs(self, module: nn.Module, name: str) -> list[tuple[nn.Parameter, Tensor]]:
+        """``(parameter, natural gradient)`` of a layer's parameters that have gradients."""
+        if isinstance(self._bank_of.get(name), DiagonalBank):
+            return self._bank_natural_gradient(module, name)
+        nats = self._compute_natural_gradient(module)
+        return [(p, n) for p, n in zip((module.weight, module.bias), nats) if p is not None and p.grad is not None]
+
+    def _sharded_natural_gradients(self, modules: list[tuple[nn.Module, str]], averaged_loss: bool) -> list[list]:
+        """Sharded: each layer's gradients (of the whole batch) to its owner, the owner's
+        natural gradient to every rank; ``(parameter, natural gradient)`` per layer."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        grads: dict[int, list[Tensor]] = {}
+        for module, name in modules:
+            grads.setdefault(self._owner_of[name], []).extend(
+                p.grad for p in (module.weight, module.bias) if p is not None and p.grad is not None)
+        if not self._capture.ddp_synced:
+            reduce_to_owners(grads, average=averaged_loss)
+        elif not averaged_loss:  # DDP averaged the gradients of a summed loss
+            torch._foreach_mul_(grads.get(rank, []), float(world))
+        out, nats = [], {}
+        for module, name in modules:
+            owner = self._owner_of[name]
+            if owner == rank:
+                pairs = self._natural_gradient_pairs(module, name)
+            else:  # filled by the owner's broadcast
+                pairs = [(p, torch.empty_like(p.grad)) for p in (module.weight, module.bias)
+                         if p is not None and p.grad is not None]
+            nats.setdefault(owner, []).extend(n for _, n in pairs)
+            out.append(pairs)
+        broadcast_from_owners(nats)
+        return out
 
     def _warn_no_statistics(self, name: str) -> None:
         """A due layer without statistics: say why (once if its forward never ran)."""
@@ -676,8 +783,8 @@ class SINGD(StockSINGD):
 
     def _update_layers(self, ok: Tensor) -> None:
         """Update the due non-banked layers' pre-conditioners (spread over ranks if asked)."""
-        modules = [m for m, name in self.module_names.items()
-                   if name not in self._bank_of and self.steps % self._get_param_group_entry(m, "T") == 0]
+        modules = [m for m, name in self.module_names.items() if name not in self._bank_of and self._owns(name)
+                   and self.steps % self._get_param_group_entry(m, "T") == 0]
         groups = worker_groups(self.update_worker_fraction) if is_distributed() else [[0]]
         if len(groups) > 1:
             owners = self._update_owners(len(groups))
@@ -880,6 +987,10 @@ class SINGD(StockSINGD):
         state["steps"], state["_grad_scales"] = self.steps, self._grad_scales
         for key, private in MATRIX_STATE.items():
             state[key] = {name: layer_state(Ms) for name, Ms in getattr(self, private).items()}
+        if self._owner_of is not None:  # sharded: every rank's layers, on every rank
+            device = next(iter(self.module_names)).weight.device
+            state.update(gather_layer_states({key: state[key] for key in MATRIX_STATE},
+                                             list(self.module_names.values()), device))
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -894,18 +1005,24 @@ class SINGD(StockSINGD):
                 name: [matrix_from_state(e, self.SUPPORTED_STRUCTURES) for e in as_blocks(entry)]
                 for name, entry in state_dict.get(key, {}).items()
             }
-        for key in ("Ks", "Cs"):
-            theirs, mine = state_dict[key], getattr(self, MATRIX_STATE[key])
-            if set(theirs) != set(mine):
+        layers = {name: module for module, name in self.module_names.items()}
+        for side, key in enumerate(("Ks", "Cs")):
+            theirs = state_dict[key]
+            if set(theirs) != set(layers):
                 raise ValueError(
-                    f"State dict is for other layers: it has {sorted(theirs)}, this optimizer {sorted(mine)}."
+                    f"State dict is for other layers: it has {sorted(theirs)}, this optimizer {sorted(layers)}."
                 )
             for name, blocks in theirs.items():
-                if len(blocks) != len(mine[name]) or any(
-                    a.to_dense().shape != b.to_dense().shape or type(a) is not type(b)
-                    for a, b in zip(blocks, mine[name])
+                module = layers[name]
+                dim = block_dims(module, self._group_average)[side]
+                cls = self.SUPPORTED_STRUCTURES[self._get_param_group_entry(module, "structures")[side]]
+                if len(blocks) != num_blocks(module, self._group_average) or any(
+                    a.to_dense().shape != (dim, dim) or type(a) is not cls for a in blocks
                 ):
                     raise ValueError(f"State dict {key}[{name!r}] does not match layer {name!r}'s shape or structure.")
+        if self._owner_of is not None:  # sharded: keep the layers this rank owns
+            for key in MATRIX_STATE:
+                state_dict[key] = {name: Ms for name, Ms in state_dict[key].items() if self._owns(name)}
         super().load_state_dict(state_dict)
         for name in self._cache:
             self._invalidate(name)
@@ -940,9 +1057,11 @@ def _inner_with(M: StructuredMatrix, X: Tensor):
     return SymmetricSum(dense=H.to_dense()) if isinstance(M, DenseMatrix) else H
 
 
-def _sandwich(M: StructuredMatrix, A: Tensor):
-    H = sandwich(M, A)
-    return SymmetricSum(dense=H.to_dense()) if isinstance(M, DenseMatrix) else H
+def _elements(structure: type[StructuredMatrix], dim: int) -> int:
+    """Stored numbers of a ``dim × dim`` matrix of ``structure``."""
+    if issubclass(structure, DenseMatrix):
+        return dim * dim
+    return sum(t.numel() for _, t in structure.zeros(dim, dtype=torch.float32).named_tensors())
 
 
 def _cast(M: StructuredMatrix, dtype: torch.dtype) -> StructuredMatrix:

@@ -40,6 +40,10 @@ def _data():
 def _optimizer(name, model):
     if name.startswith(("ddp", "sum")):
         return _ddp_optimizer(name, model)
+    if name.startswith("shard"):  # one process: sharding has no effect (the reference run)
+        structures = ("diagonal", "dense") if "diag" in name else ("dense", "dense")
+        return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=structures, alpha1=0.5,
+                             kfac_approx="expand" if "expand" in name else "reduce", shard_preconditioner=True)
     if name.startswith("kfac"):
         fraction = 0.5 if name == "kfac_spread" else 1.0
         return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, update_worker_fraction=fraction)
@@ -56,7 +60,7 @@ def _ddp_optimizer(name, model):
         return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, loss_average=loss_average)
     structure = "diagonal" if "diag" in name else "dense"
     return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=(structure, structure), kfac_approx="reduce",
-                         loss_average=loss_average)
+                         loss_average=loss_average, shard_preconditioner="shard" in name)
 
 
 def _train(model, opt, X, y, name=""):
@@ -100,6 +104,8 @@ def _worker(rank, name, init_file, out_dir):
             params = _train(model, opt, X[shard], y[shard], name)
         if name == "singd_greedy":  # two groups of one rank each own layers: the work was spread
             assert set(opt._update_owners(2).values()) == {0, 1}
+        if "shard" in name:  # this rank's layers, and the whole state gathered from both ranks
+            torch.save({"owned": sorted(opt.Ks), "state": opt.state_dict()}, os.path.join(out_dir, f"state{rank}.pt"))
         torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another is still communicating
         ddp = opt = None  # DDP holds the group: drop it first (see helpers.destroy_process_group)
@@ -109,17 +115,23 @@ def _worker(rank, name, init_file, out_dir):
 
 @pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "singd_greedy", "kfac", "kfac_spread", "ddp_kfac",
                                   "ddp_singd", "ddp_module_nosync_kfac", "ddp_module_nosync_singd", "ddp_sum_singd",
-                                  "ddp_sum_kfac", "sum_singd", "sum_singd_diag"])
+                                  "ddp_sum_kfac", "sum_singd", "sum_singd_diag", "shard_singd", "shard_singd_diag_expand",
+                                  "ddp_shard_singd", "ddp_shard_sum_singd"])
 def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
         mp.start_processes(_worker, args=(name, init_file, out_dir), nprocs=WORLD, start_method="spawn")
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+        shards = [torch.load(os.path.join(out_dir, f"state{r}.pt"), weights_only=False)
+                  for r in range(WORLD)] if "shard" in name else None
     assert torch.equal(ranks[0], ranks[1])
     model = _model()
     X, y = _data()
-    single = _train(model, _optimizer(name, model), X, y, "sum" if "sum" in name else "")
+    opt = _optimizer(name, model)
+    single = _train(model, opt, X, y, "sum" if "sum" in name else "")
     torch.testing.assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
+    if shards is not None:
+        _check_shards(shards, name, opt)
     if name.startswith("kfac"):  # and both follow a literal KFAC on the whole batch
         from reference_kfac import ReferenceKFAC
 
@@ -129,3 +141,33 @@ def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
             oracle.step(X, y)
         expected = flat_parameters(reference)
         torch.testing.assert_close(ranks[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def _tensors_of(entry):
+    """All tensors of a state entry (one matrix, or a list of blocks), in order."""
+    if isinstance(entry, list):
+        return [t for e in entry for t in _tensors_of(e)]
+    return list(entry["tensors"].values())
+
+
+def _check_shards(shards, name, single_opt):
+    """Each layer's K, C live on one rank; the state gathered on each rank equals the
+    single process's and loads into a single process (a checkpoint for any world size)."""
+    owned = [set(s["owned"]) for s in shards]
+    assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(single_opt.Ks) and all(owned)
+    expected = single_opt.state_dict()
+    for shard in shards:
+        for key in ("Ks", "Cs", "m_Ks", "m_Cs"):
+            assert list(shard["state"][key]) == list(expected[key])
+            for layer, entry in expected[key].items():
+                for ours, theirs in zip(_tensors_of(shard["state"][key][layer]), _tensors_of(entry), strict=True):
+                    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    model = _model()
+    loaded = _optimizer(name, model)
+    loaded.load_state_dict(shards[1]["state"])
+    for layer in expected["Ks"]:
+        for ours, theirs in zip(loaded.Ks[layer] if isinstance(loaded.Ks[layer], list) else [loaded.Ks[layer]],
+                                single_opt.Ks[layer] if isinstance(single_opt.Ks[layer], list)
+                                else [single_opt.Ks[layer]]):
+            torch.testing.assert_close(ours.to_dense(), theirs.to_dense(), rtol=1e-4, atol=1e-5)
+
