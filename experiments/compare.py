@@ -2,7 +2,8 @@
 
     python -m experiments.compare --config configs/compare_default.yaml [key=value ...]
 
-Each (model, run) configuration runs in a fresh process on random CIFAR-shaped data:
+Each (model, run) configuration runs in a fresh process on random CIFAR-shaped data
+(class labels; per-pixel targets and mean squared error for dense-prediction models):
 ``warmup`` untimed steps, then ``steps`` timed ones (choose a multiple of T so the mean
 amortises the preconditioner updates). Reports the median and mean seconds per step,
 the peak memory above the memory held before the optimizer was built (CPU: peak RSS
@@ -104,8 +105,9 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
     import torch
 
     from experiments.measure import current_bytes, peak_bytes, reset_peak, timed
-    from experiments.models import build_model
+    from experiments.models import build_model, is_dense_prediction
     from experiments.optimizers import build_optimizer
+    from experiments.train import loss_of
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(config.get("threads", 2))
@@ -114,13 +116,16 @@ def worker(config: dict, model_name: str, run: dict) -> dict:
     classes, size, batch = config.get("num_classes", 10), config.get("image_size", 32), config.get("batch_size", 32)
     model = build_model(model_name, num_classes=classes).to(device)
     X = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, classes, (batch,), device=device)
+    if is_dense_prediction(model):  # per-pixel targets, mean squared error
+        y = torch.randn(batch, classes, size, size, device=device)
+    else:
+        y = torch.randint(0, classes, (batch,), device=device)
     base = current_bytes(device)
     optimizer = build_optimizer(model, run["optimizer"], **hyperparameters(config, run))
 
     def step():
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(X), y).backward()
+        loss_of(model(X), y).backward()
         optimizer.step()
 
     for _ in range(config.get("warmup", 1)):

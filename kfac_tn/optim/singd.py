@@ -547,6 +547,9 @@ class SINGD(StockSINGD):
         raw_K = input_statistics(layer, a, K_cls, approx, ga, self.subsample)
         raw_C = grad_output_statistics(layer, g, C_cls, approx, loss_average, ga, self.subsample)
         finish = reduce_to_owner_async(raw_K + raw_C, self._owner_of[name], average=True)
+        # complete the earlier layers' reductions (they ran while this layer's statistics
+        # were formed): non-owners free their copies now, not at the step
+        self._finish_reductions()
         self._in_flight.append((name, raw_K, raw_C, finish))
 
     def _add_statistics(self, name: str, H_K: list, H_C: list) -> None:
