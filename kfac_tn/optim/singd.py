@@ -49,36 +49,15 @@ from kfac_tn.capture import LayerCapture, supported_layers, supported_parameters
 from kfac_tn.factors import (
     SUPPORTED_LAYERS,
     grad_output_factor_blocks,
-    grad_output_factor_diagonal,
     grad_output_factor_diagonal_sum,
-    grad_output_rows,
-    input_factor,
     input_factor_blocks,
-    input_factor_diagonal,
     input_factor_diagonal_sum,
-    input_row_chunks,
-    input_rows,
-    subsampled_grad_output_factor,
-    subsampled_input_factor,
 )
-from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, as_called, num_positions
+from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, as_called
 from kfac_tn.factors.subsampled import sample_count
 from kfac_tn.optim.block_bank import BlockBank
 from kfac_tn.optim.deferred import DeferredFlags
 from kfac_tn.optim.diagonal_bank import DiagonalBank
-from kfac_tn.optim.factor_statistics import (
-    grad_output_statistics,
-    input_statistics,
-    sandwich_dense,
-    sandwich_statistics,
-)
-from kfac_tn.optim.sharding import (
-    assign_owners,
-    broadcast_from_owners,
-    gather_layer_states,
-    reduce_to_owner_async,
-    reduce_to_owners,
-)
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
     all_reduce_flat_async,
@@ -87,6 +66,13 @@ from kfac_tn.optim.distributed import (
     is_distributed,
     reduce_gradients_,
     worker_groups,
+)
+from kfac_tn.optim.factor_statistics import (
+    grad_output_H,
+    grad_output_statistics,
+    input_H,
+    input_statistics,
+    sandwich_statistics,
 )
 from kfac_tn.optim.layer_matrices import LayerMatricesAttribute, as_blocks
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
@@ -97,6 +83,13 @@ from kfac_tn.optim.riemannian_update import (
     trace,
     trace_inner,
 )
+from kfac_tn.optim.sharding import (
+    assign_owners,
+    broadcast_from_owners,
+    gather_layer_states,
+    reduce_to_owner_async,
+    reduce_to_owners,
+)
 from kfac_tn.optim.singd_state import (  # noqa: F401  (stock_state_dict: public here too)
     MATRIX_STATE,
     layer_state,
@@ -104,12 +97,9 @@ from kfac_tn.optim.singd_state import (  # noqa: F401  (stock_state_dict: public
     stock_state_dict,
 )
 from kfac_tn.optim.structured_products import (
-    block_sandwich,
-    inner_with,
     left_multiply,
     right_multiply,
     rmatmat_transposes,
-    sandwich,
     stock_projector,
 )
 from kfac_tn.optim.symmetric_sum import SymmetricSum
@@ -429,50 +419,6 @@ class SINGD(StockSINGD):
         return block_dims(module, self._group_average)
 
     # ------------------------------------------------------------ statistics
-    def _H_K(self, module: nn.Module, x: Tensor, Ks: list[StructuredMatrix], approx: str) -> list:
-        """``Kᵀ A K`` per block by the cheapest exact route (structured, or pending if dense)."""
-        ga = self._group_average
-        if all(isinstance(K, DiagonalMatrix) for K in Ks):
-            diag = input_factor_diagonal(module, x, approx, ga)  # [G, d]
-            return [K.from_inner(X=d.clamp_min(0).sqrt().unsqueeze(1)) for K, d in zip(Ks, diag)]
-        if _same_block_structure(Ks):
-            self._stats_workspace.reset()
-            blocks, last = input_factor_blocks(
-                module, x, Ks[0].BLOCK_DIM, approx, ga, workspace=self._stats_workspace
-            )
-            return [block_sandwich(K, b, r) for K, b, r in zip(Ks, blocks, last)]
-        dim_K = block_dims(module, ga)[0]
-        rows_count = x.shape[0] if approx == "reduce" else x.shape[0] * num_positions(module, x)
-        if approx == "reduce" or _factored_is_cheaper(rows_count, dim_K, Ks[0]):
-            if isinstance(Ks[0], DenseMatrix):
-                rows = input_rows(module, x, approx, ga)  # [G, R, d]
-                return [_inner_with(K, r.T) for K, r in zip(Ks, rows)]
-            # other structures: Mᵀ Xᵀ X M is additive over rows, so stream the unfolded input
-            H = None
-            for rows in input_row_chunks(module, x, approx, ga):
-                part = [K.from_inner(X=r.T) for K, r in zip(Ks, rows)]
-                H = part if H is None else [h.add_(p) for h, p in zip(H, part)]
-            return H
-        A = input_factor(module, x, approx, ga)  # [G, d, d]
-        return [sandwich_dense(K, a) for K, a in zip(Ks, A)]
-
-    def _H_C(self, module: nn.Module, g: Tensor, Cs: list[StructuredMatrix], approx: str, loss_average) -> list:
-        ga = self._group_average
-        if all(isinstance(C, DiagonalMatrix) for C in Cs):
-            diag = grad_output_factor_diagonal(module, g, approx, loss_average, ga)  # [G, D]
-            return [C.from_inner(X=d.sqrt().unsqueeze(1)) for C, d in zip(Cs, diag)]
-        if _same_block_structure(Cs):
-            self._stats_workspace.reset()
-            blocks, last = grad_output_factor_blocks(
-                module, g, Cs[0].BLOCK_DIM, approx, loss_average, ga, workspace=self._stats_workspace
-            )
-            return [block_sandwich(C, b, r) for C, b, r in zip(Cs, blocks, last)]
-        rows = grad_output_rows(module, g, approx, loss_average, ga)  # [G, R, D]
-        if _factored_is_cheaper(rows.shape[1], rows.shape[2], Cs[0]):
-            return [_inner_with(C, r.T) for C, r in zip(Cs, rows)]
-        grams = torch.bmm(rows.transpose(1, 2), rows)
-        return [sandwich_dense(C, gram) for C, gram in zip(Cs, grams)]
-
     def _accumulate_H_terms(self, module: nn.Module, inputs: tuple[Tensor], grad_output: Tensor) -> None:
         """Statistics of one backward pass, in at least float32 whatever K/C are stored in."""
         name = self.module_names[module]
@@ -516,16 +462,9 @@ class SINGD(StockSINGD):
             return
         Ks = [_cast(K, stat_K) for K in self._K_blocks[name]]
         Cs = [_cast(C, stat_C) for C in self._C_blocks[name]]
-        if self.subsample is None:
-            H_K = self._H_K(layer, a, Ks, kfac_approx)
-            H_C = self._H_C(layer, g, Cs, kfac_approx, loss_average)
-        else:
-            ga = self._group_average
-            H_K = sandwich_statistics(Ks, input_statistics(layer, a, type(Ks[0]), kfac_approx, ga, self.subsample),
-                                      self.subsample)
-            H_C = sandwich_statistics(
-                Cs, grad_output_statistics(layer, g, type(Cs[0]), kfac_approx, loss_average, ga, self.subsample),
-                self.subsample)
+        ga, ws = self._group_average, self._stats_workspace
+        H_K = input_H(layer, a, Ks, kfac_approx, ga, self.subsample, ws)
+        H_C = grad_output_H(layer, g, Cs, kfac_approx, loss_average, ga, self.subsample, ws)
         if is_distributed():
             # factors of different ranks cannot be summed: densify, then one bucket per layer
             H_K = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_K]
@@ -1052,14 +991,6 @@ class SINGD(StockSINGD):
         self._bind_bank_views(bank)
 
 
-def _inner_with(M: StructuredMatrix, X: Tensor):
-    """Pending ``Mᵀ X Xᵀ M``: thin factor for dense M when it is smaller than d × d."""
-    if isinstance(M, DenseMatrix) and 2 * X.shape[1] <= X.shape[0]:
-        return SymmetricSum(factor=M.rmatmat(X))
-    H = inner_with(M, X)
-    return SymmetricSum(dense=H.to_dense()) if isinstance(M, DenseMatrix) else H
-
-
 def _elements(structure: type[StructuredMatrix], dim: int) -> int:
     """Stored numbers of a ``dim × dim`` matrix of ``structure``."""
     if issubclass(structure, DenseMatrix):
@@ -1126,21 +1057,6 @@ def _dtype(M: StructuredMatrix) -> torch.dtype:
 
 def _device(M: StructuredMatrix) -> torch.device:
     return next(t for _, t in M.named_tensors()).device
-
-
-def _factored_is_cheaper(rows: int, dim: int, M: StructuredMatrix) -> bool:
-    """Whether ``(X M)ᵀ(X M)`` from ``rows`` rows beats forming ``Mᵀ (XᵀX) M``.
-
-    Dense M: 3·R·d² against R·d² + 4·d³ multiply-adds, so rows win up to R = 2d. Other
-    structures have cheap products either way; rows are used while they take no more
-    memory than the d × d factor.
-    """
-    return rows <= (2 * dim if isinstance(M, DenseMatrix) else dim)
-
-
-def _same_block_structure(Ms: list[StructuredMatrix]) -> bool:
-    """Whether all blocks are singd block-diagonal matrices of one block size."""
-    return all(isinstance(M, BlockDiagonalMatrixTemplate) for M in Ms) and len({M.BLOCK_DIM for M in Ms}) == 1
 
 
 def _validate_hyperparameters(

@@ -255,7 +255,7 @@ def test_networks_people_train_now_take_steps(model_name, optimizer):
 
 def test_denoising_data_are_noisy_digits_with_clean_targets():
     digits, _, _ = load_data("digits", image_size=16)
-    train_set, test_set, channels = load_data("digits_denoise", image_size=16)
+    train_set, _, channels = load_data("digits_denoise", image_size=16)
     assert channels == 3 and len(train_set) == len(digits)
     noisy, clean = train_set.tensors
     torch.testing.assert_close(clean, digits.tensors[0])
