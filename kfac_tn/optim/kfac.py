@@ -43,6 +43,12 @@ from kfac_tn.optim.distributed import (
 )
 from kfac_tn.optim.factor_sums import FactorSums
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
+from kfac_tn.optim.sharding import (
+    assign_owners,
+    broadcast_from_owners,
+    gather_layer_states,
+    reduce_to_owners,
+)
 from kfac_tn.optim.user_warnings import unsupported_message, warn_user
 from kfac_tn.optim.validation import (
     check_layout,
@@ -54,7 +60,7 @@ from kfac_tn.optim.validation import (
     positive_int,
     unwrap_model,
 )
-from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks
+from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks, num_blocks
 
 INVERSE_METHODS = ("eigh", "cholesky")
 #: per inversion method, the state tensors an inversion produces
@@ -123,6 +129,14 @@ class KFAC(torch.optim.Optimizer):
             ``ν = min(1, sqrt(κ / Σ lr² ⟨d, g⟩))`` before weight decay and momentum, which
             keeps early steps, taken with poorly estimated factors, from blowing up.
             ``None`` switches it off. Typical: 1e-3 (default) to 1e-2.
+        shard_preconditioner: with torch.distributed, keep each layer's running A, G and
+            inverses on one rank only (owners balance the bytes, :mod:`sharding`): the
+            ranks' factors are reduced to the owner, which inverts them, preconditions the
+            layer's (all-reduced) gradient and broadcasts the direction. Results equal the
+            replicated run up to rounding; ``kfac_state`` holds this rank's layers;
+            :meth:`state_dict` gathers every layer on every rank (a world-size independent
+            checkpoint). Excludes ``update_worker_fraction``. No effect without an
+            initialized process group.
     """
 
     # GradScaler hands the loss scale and found_inf to step() (see torch.amp.GradScaler)
@@ -149,6 +163,7 @@ class KFAC(torch.optim.Optimizer):
         update_worker_fraction: float = 1.0,
         kl_clip: float | None = 1e-3,
         subsample: float | int | None = None,
+        shard_preconditioner: bool = False,
     ) -> None:
         check_model(model)
         model = unwrap_model(model)
@@ -174,6 +189,12 @@ class KFAC(torch.optim.Optimizer):
                 raise ValueError("subsample samples output positions of KFAC-expand factors: use kfac_approx='expand'.")
             sample_count(1, subsample)  # validates it
         self.subsample = subsample
+        if not isinstance(shard_preconditioner, bool):
+            raise ValueError(f"shard_preconditioner must be True or False, got {shard_preconditioner!r}.")
+        if shard_preconditioner and update_worker_fraction != 1.0:
+            raise ValueError("shard_preconditioner=True inverts each layer's factors on its owner only; it excludes "
+                             "update_worker_fraction (leave it at 1.0).")
+        self.shard_preconditioner = shard_preconditioner
         if params is None:
             params = supported_parameters(model)
             unsupported = unsupported_layers(model)
@@ -200,6 +221,11 @@ class KFAC(torch.optim.Optimizer):
         self._group_index = {name: group_of[m.weight] for name, m in self.layers.items()}
         self._layouts = {name: (m.weight.device, m.weight.dtype) for name, m in self.layers.items()}
         self.kfac_state: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
+        self._owner_of: dict[str, int] | None = None  # sharded: layer -> owning rank
+        if shard_preconditioner and is_distributed():
+            sizes = {name: float(num_blocks(m, self.group_average) * sum(d * d for d in block_dims(m, self.group_average)))
+                     for name, m in self.layers.items()}
+            self._owner_of = assign_owners(sizes, dist.get_world_size())
         self._pending: dict[str, FactorSums] = {}
         self._deferred = DeferredFlags()
         self._loss_scale: float | None = None
@@ -242,13 +268,29 @@ class KFAC(torch.optim.Optimizer):
             self._pending[name] = FactorSums(averaged_loss=self.loss_average is not None)
         self._pending[name].add(A, G, x.shape[0])
 
+    def _owns(self, name: str) -> bool:
+        """Whether this rank holds layer ``name``'s factors (always, unless sharded)."""
+        return self._owner_of is None or self._owner_of[name] == dist.get_rank()
+
     def _all_reduce_pending(self) -> None:
-        """Average A (an average) and G (summed for a summed loss) over ranks, one bucket each."""
+        """Average A (an average) and G (summed for a summed loss) over ranks, one bucket
+        each; sharded: reduced to each layer's owner, and dropped elsewhere."""
         names = sorted(self._pending)
         factors = [self._pending[n].factors() for n in names]
-        for key, op in ((0, dist.ReduceOp.AVG), (1, dist.ReduceOp.AVG if self.loss_average else dist.ReduceOp.SUM)):
-            all_reduce_flat([f[key] for f in factors], op)
-        for n, (A, G) in zip(names, factors):
+        average_G = self.loss_average is not None
+        if self._owner_of is not None:
+            for key, average in ((0, True), (1, average_G)):
+                by_owner: dict[int, list[Tensor]] = {}
+                for n, f in zip(names, factors):
+                    by_owner.setdefault(self._owner_of[n], []).append(f[key])
+                reduce_to_owners(by_owner, average)
+            names_factors = [(n, f) for n, f in zip(names, factors) if self._owns(n)]
+            self._pending = {n: self._pending[n] for n, _ in names_factors}
+        else:
+            for key, op in ((0, dist.ReduceOp.AVG), (1, dist.ReduceOp.AVG if average_G else dist.ReduceOp.SUM)):
+                all_reduce_flat([f[key] for f in factors], op)
+            names_factors = list(zip(names, factors))
+        for n, (A, G) in names_factors:
             self._pending[n].replace(A, G)
 
     def _absorb_statistics(self, ok: Tensor) -> None:
@@ -392,6 +434,7 @@ class KFAC(torch.optim.Optimizer):
         self._absorb_statistics(ok)
         self._update_inverses(force=self.steps % self.inverse_update_freq == 0)
         directions: dict[int, Tensor] = {}
+        sent: dict[int, list[Tensor]] = {}  # sharded: each owner's directions, in layer order
         for name, module in self.layers.items():
             state = self.kfac_state[name]
             if module.weight.grad is not None and name not in self._capture.seen and name not in self._warned:
@@ -399,6 +442,13 @@ class KFAC(torch.optim.Optimizer):
                 warn_user(f"Layer {name!r} has never run its forward() (it is used through a functional call, "
                           "e.g. MultiheadAttention.out_proj), so it gets no KFAC factors and takes SGD steps. "
                           "This warning is shown once.")
+            if self._owner_of is not None and module.weight.grad is not None:
+                with_grad = [p for p in (module.weight, module.bias) if p is not None and p.grad is not None]
+                if not self._owns(name) or "A" not in state:  # the owner's direction / SGD's
+                    for p in with_grad:
+                        directions[id(p)] = torch.empty_like(p.grad) if not self._owns(name) else p.grad.clone()
+                    sent.setdefault(self._owner_of[name], []).extend(directions[id(p)] for p in with_grad)
+                    continue
             if "A" not in state or module.weight.grad is None:
                 continue
             has_bias = module.bias is not None
@@ -407,6 +457,10 @@ class KFAC(torch.optim.Optimizer):
             for p, d in zip((module.weight, module.bias), nats):
                 if p is not None and p.grad is not None:  # SGD's direction until factors entered
                     directions[id(p)] = torch.where(state["absorbed"], d, p.grad)
+                    if self._owner_of is not None:
+                        sent.setdefault(self._owner_of[name], []).append(directions[id(p)])
+        if sent:
+            broadcast_from_owners(sent)
         if self.kl_clip is not None and directions:
             self._clip_kl_(directions)
         for group in self.param_groups:
@@ -467,9 +521,15 @@ class KFAC(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state; sharded (collective): every rank's layers, on every rank."""
         state = super().state_dict()
         pending = {n: p.state() for n, p in self._pending.items()}
-        state["kfac"] = {"steps": self.steps, "layers": {n: dict(s) for n, s in self.kfac_state.items()},
+        layers = {n: dict(s) for n, s in self.kfac_state.items()}
+        if self._owner_of is not None:
+            device = next(iter(self.layers.values())).weight.device
+            owned = {n: s for n, s in layers.items() if self._owns(n)}
+            layers = gather_layer_states({"layers": owned}, list(self.layers), device)["layers"]
+        state["kfac"] = {"steps": self.steps, "layers": layers,
                          "pending": pending}  # a checkpoint between backward() and step() resumes exactly
         return state
 
@@ -494,6 +554,8 @@ class KFAC(torch.optim.Optimizer):
         self.kfac_state = {
             name: {k: v.to(self.layers[name].weight.device) for k, v in s.items()} for name, s in kfac["layers"].items()
         }
+        if self._owner_of is not None:  # sharded: keep the layers this rank owns
+            self.kfac_state = {name: (s if self._owns(name) else {}) for name, s in self.kfac_state.items()}
         for layer_state in self.kfac_state.values():  # states saved before the flag existed
             if "A" in layer_state and "absorbed" not in layer_state:
                 layer_state["absorbed"] = torch.ones((), dtype=torch.bool, device=layer_state["A"].device)

@@ -40,13 +40,14 @@ def _data():
 def _optimizer(name, model):
     if name.startswith(("ddp", "sum")):
         return _ddp_optimizer(name, model)
+    if name.startswith(("kfac", "shard_kfac")):
+        fraction = 0.5 if name == "kfac_spread" else 1.0
+        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, update_worker_fraction=fraction,
+                            shard_preconditioner="shard" in name)
     if name.startswith("shard"):  # one process: sharding has no effect (the reference run)
         structures = ("diagonal", "dense") if "diag" in name else ("dense", "dense")
         return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=structures, alpha1=0.5,
                              kfac_approx="expand" if "expand" in name else "reduce", shard_preconditioner=True)
-    if name.startswith("kfac"):
-        fraction = 0.5 if name == "kfac_spread" else 1.0
-        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, update_worker_fraction=fraction)
     structures = {"singd_dense": ("dense", "dense"), "singd_diag": ("diagonal", "dense"),
                   "singd_greedy": ("dense", "dense")}[name]
     fraction = 0.5 if name == "singd_greedy" else 1.0
@@ -57,7 +58,8 @@ def _optimizer(name, model):
 def _ddp_optimizer(name, model):
     loss_average = None if "sum" in name else "batch"
     if "kfac" in name:
-        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, loss_average=loss_average)
+        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, loss_average=loss_average,
+                            shard_preconditioner="shard" in name)
     structure = "diagonal" if "diag" in name else "dense"
     return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=(structure, structure), kfac_approx="reduce",
                          loss_average=loss_average, shard_preconditioner="shard" in name)
@@ -96,7 +98,7 @@ def _worker(rank, name, init_file, out_dir):
                 params = _train(ddp, opt, X[shard], y[shard], name)
             finally:
                 dist.all_reduce = real
-            if "kfac" in name:
+            if "kfac" in name and "shard" not in name:  # (sharded: factors are reduced to owners)
                 factors = sum(s["A"].numel() + s["G"].numel() for s in opt.kfac_state.values())
                 assert sum(reduced) == STEPS * factors, (sum(reduced), factors)
         else:
@@ -105,7 +107,8 @@ def _worker(rank, name, init_file, out_dir):
         if name == "singd_greedy":  # two groups of one rank each own layers: the work was spread
             assert set(opt._update_owners(2).values()) == {0, 1}
         if "shard" in name:  # this rank's layers, and the whole state gathered from both ranks
-            torch.save({"owned": sorted(opt.Ks), "state": opt.state_dict()}, os.path.join(out_dir, f"state{rank}.pt"))
+            owned = sorted(n for n, s in opt.kfac_state.items() if s) if "kfac" in name else sorted(opt.Ks)
+            torch.save({"owned": owned, "state": opt.state_dict()}, os.path.join(out_dir, f"state{rank}.pt"))
         torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another is still communicating
         ddp = opt = None  # DDP holds the group: drop it first (see helpers.destroy_process_group)
@@ -116,7 +119,7 @@ def _worker(rank, name, init_file, out_dir):
 @pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "singd_greedy", "kfac", "kfac_spread", "ddp_kfac",
                                   "ddp_singd", "ddp_module_nosync_kfac", "ddp_module_nosync_singd", "ddp_sum_singd",
                                   "ddp_sum_kfac", "sum_singd", "sum_singd_diag", "shard_singd", "shard_singd_diag_expand",
-                                  "ddp_shard_singd", "ddp_shard_sum_singd"])
+                                  "ddp_shard_singd", "ddp_shard_sum_singd", "shard_kfac", "ddp_shard_kfac"])
 def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
@@ -131,8 +134,8 @@ def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
     single = _train(model, opt, X, y, "sum" if "sum" in name else "")
     torch.testing.assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
     if shards is not None:
-        _check_shards(shards, name, opt)
-    if name.startswith("kfac"):  # and both follow a literal KFAC on the whole batch
+        (_check_kfac_shards if "kfac" in name else _check_shards)(shards, name, opt)
+    if "kfac" in name and "sum" not in name:  # and all follow a literal KFAC on the whole batch
         from reference_kfac import ReferenceKFAC
 
         reference = _model()
@@ -141,6 +144,25 @@ def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
             oracle.step(X, y)
         expected = flat_parameters(reference)
         torch.testing.assert_close(ranks[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def _check_kfac_shards(shards, name, single_opt):
+    """KFAC: each layer's A, G and inverses live on one rank; the gathered state equals the
+    single process's and loads into a single process."""
+    owned = [set(s["owned"]) for s in shards]
+    assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(single_opt.kfac_state) and all(owned)
+    expected = single_opt.state_dict()["kfac"]["layers"]
+    for shard in shards:
+        layers = shard["state"]["kfac"]["layers"]
+        assert list(layers) == list(expected)
+        for layer, entry in expected.items():
+            assert set(layers[layer]) == set(entry)
+            for key in ("A", "G", "absorbed", "eval_A", "eval_G"):  # (eigenvectors: up to sign)
+                torch.testing.assert_close(layers[layer][key], entry[key], rtol=1e-4, atol=1e-5)
+    loaded = _optimizer(name, _model())
+    loaded.load_state_dict(shards[0]["state"])
+    for layer, entry in expected.items():
+        torch.testing.assert_close(loaded.kfac_state[layer]["A"], entry["A"], rtol=1e-4, atol=1e-5)
 
 
 def _tensors_of(entry):

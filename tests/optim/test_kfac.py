@@ -135,6 +135,8 @@ def test_non_finite_gradients_skip_the_step():
         (dict(ema_decay=1.0), "ema_decay must"),
         (dict(inverse_update_freq=0), "inverse_update_freq must"),
         (dict(inverse_method="svd"), "inverse_method must"),
+        (dict(shard_preconditioner=1), "shard_preconditioner must be True or False"),
+        (dict(shard_preconditioner=True, update_worker_fraction=0.5), "excludes update_worker_fraction"),
         (dict(inverse_dtype=torch.float16), "inverse_dtype must"),
         (dict(kfac_approx="diag"), "kfac_approx must"),
     ],

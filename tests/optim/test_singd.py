@@ -231,6 +231,8 @@ def test_state_dict_of_another_model_is_rejected():
         (dict(loss_average="mean"), "loss_average must"),
         (dict(grouped_conv="sum"), "grouped_conv must"),
         (dict(update_worker_fraction=0.0), "update_worker_fraction must"),
+        (dict(shard_preconditioner=1), "shard_preconditioner must be True or False"),
+        (dict(shard_preconditioner=True, update_worker_fraction=0.5), "excludes update_worker_fraction"),
     ],
 )
 def test_invalid_hyperparameters_are_named(kwargs, match):
