@@ -12,8 +12,8 @@ on a CPU, NCCL on GPUs). Each rank trains a CIFAR-shaped model with dense SINGD
 Per rank it records the persistent preconditioner state (K, C and momenta it holds), the
 peak memory above the memory before the optimizer was built (CPU: peak RSS, see
 measure.py; CUDA: max_memory_allocated), the payload of every collective it called per
-step (the tensors handed to all_reduce / reduce / broadcast / all_gather, not the wire
-bytes of the algorithm) and the mean seconds per step. Prints a table (maximum over
+step (the tensors handed to all_reduce / reduce / broadcast), the bytes it sends for them
+with bandwidth-optimal algorithms (see ``_Payload``) and the mean seconds per step. Prints a table (maximum over
 ranks), writes ``<out>.csv`` and ``<out>.json``.
 """
 
@@ -45,26 +45,37 @@ def _state_bytes(opt) -> int:
 
 
 class _Payload:
-    """Counts the bytes of the tensors handed to torch.distributed's collectives."""
+    """Counts the bytes of the tensors handed to torch.distributed's collectives, per kind,
+    and the bytes a rank sends for them with bandwidth-optimal algorithms: an all-reduce
+    of n bytes sends 2·n·(w−1)/w per rank (ring: reduce-scatter + all-gather), a reduce or
+    a broadcast n·(w−1)/w (pipelined ring or tree), w the world size."""
 
-    NAMES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")
+    NAMES = ("all_reduce", "reduce", "broadcast")
 
     def __init__(self) -> None:
         import torch.distributed as dist
 
-        self.bytes = 0
+        self.by_kind = dict.fromkeys(self.NAMES, 0)
         self.counting = False
         self._real = {name: getattr(dist, name) for name in self.NAMES}
         for name, fn in self._real.items():
-            setattr(dist, name, self._wrap(fn))
+            setattr(dist, name, self._wrap(name, fn))
 
-    def _wrap(self, fn):
+    def _wrap(self, name, fn):
         def counted(tensor, *args, **kwargs):
-            if self.counting and hasattr(tensor, "numel"):
-                self.bytes += tensor.numel() * tensor.element_size()
+            if self.counting:
+                self.by_kind[name] += tensor.numel() * tensor.element_size()
             return fn(tensor, *args, **kwargs)
 
         return counted
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.by_kind.values())
+
+    def wire_bytes(self, world: int) -> float:
+        share = (world - 1) / world
+        return share * (2 * self.by_kind["all_reduce"] + self.by_kind["reduce"] + self.by_kind["broadcast"])
 
 
 def worker(model_name: str, mode: str, batch: int, steps: int, out: str) -> None:
@@ -111,7 +122,10 @@ def worker(model_name: str, mode: str, batch: int, steps: int, out: str) -> None
     seconds = (time.perf_counter() - start) / steps
     payload.counting = False
     row = {"rank": rank, "state_mib": _state_bytes(opt) / 2**20, "peak_mib": (peak_bytes(device) - before) / 2**20,
-           "sent_mib_per_step": payload.bytes / steps / 2**20, "s_per_step": seconds,
+           "sent_mib_per_step": payload.bytes / steps / 2**20,
+           "wire_mib_per_step": payload.wire_bytes(world) / steps / 2**20,
+           **{f"{kind}_mib_per_step": b / steps / 2**20 for kind, b in payload.by_kind.items()},
+           "s_per_step": seconds,
            "layers_held": len(opt._K_blocks)}
     rows: list = [None] * world
     dist.all_gather_object(rows, row)
@@ -160,24 +174,30 @@ def main() -> None:
                        "state_mib_all_ranks": total,
                        "peak_mib_per_rank": max(r["peak_mib"] for r in ranks),
                        "sent_mib_per_step_per_rank": max(r["sent_mib_per_step"] for r in ranks),
+                       "wire_mib_per_step_per_rank": max(r["wire_mib_per_step"] for r in ranks),
+                       **{f"{kind}_mib_per_step_per_rank": max(r[f"{kind}_mib_per_step"] for r in ranks)
+                          for kind in _Payload.NAMES},
                        "s_per_step": max(r["s_per_step"] for r in ranks),
                        "layers_held": [r["layers_held"] for r in ranks]}
                 rows.append(row)
                 print(f"{model:9s} world {world} {mode:10s} state/rank {row['state_mib_per_rank']:8.1f} MiB "
-                      f"peak {row['peak_mib_per_rank']:8.1f} MiB sent {row['sent_mib_per_step_per_rank']:8.1f} MiB/step "
-                      f"{row['s_per_step']:.2f} s/step", flush=True)
+                      f"peak {row['peak_mib_per_rank']:8.1f} MiB payload {row['sent_mib_per_step_per_rank']:8.1f} "
+                      f"wire {row['wire_mib_per_step_per_rank']:8.1f} MiB/step {row['s_per_step']:.2f} s/step", flush=True)
         single = next((r["state_mib_per_rank"] for r in rows if r["model"] == model and r["world"] == 1), None)
         for r in rows:
             if r["model"] == model and single:
                 r["state_vs_total_over_world"] = r["state_mib_per_rank"] / (single / r["world"])
     write_rows(rows, Path(args.out))
-    print("\n| model | ranks | mode | state per rank [MiB] | vs total/world | peak per rank [MiB] | sent per step per rank [MiB] | s/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | ranks | mode | state per rank [MiB] | vs total/world | peak per rank [MiB] | "
+          "payload per step per rank [MiB] (all-reduce / reduce / broadcast) | sent on the wire [MiB] | s/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r.get("state_vs_total_over_world")
+        kinds = " / ".join(f"{r[f'{kind}_mib_per_step_per_rank']:.0f}" for kind in _Payload.NAMES)
         print(f"| {r['model']} | {r['world']} | {r['mode']} | {r['state_mib_per_rank']:.1f} | "
               f"{f'{ratio:.2f}×' if ratio else '–'} | {r['peak_mib_per_rank']:.1f} | "
-              f"{r['sent_mib_per_step_per_rank']:.1f} | {r['s_per_step']:.2f} |")
+              f"{r['sent_mib_per_step_per_rank']:.1f} ({kinds}) | {r['wire_mib_per_step_per_rank']:.1f} | "
+              f"{r['s_per_step']:.2f} |")
     print(f"\nwrote {Path(args.out).with_suffix('.csv')} and {Path(args.out).with_suffix('.json')}")
 
 
