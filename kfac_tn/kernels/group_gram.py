@@ -9,8 +9,10 @@ memory traffic, not arithmetic, sets the time. Here one group's inputs of a few 
 are copied into a small zero-padded buffer, unfolded from a strided view of it into a
 buffer of about :data:`PIECE_BYTES` (cache-resident), and multiplied right away: three
 kernels per group and piece, a few MiB of temporary memory in all. Measured on 2 CPU
-cores, batch 32: ConvNeXt's depthwise 7×7 (128 channels, 64×64) 0.66 s against 1.0 s
-(unfold route) and 3.6 s (``F.unfold``).
+cores, batch 32: ConvNeXt's depthwise 7×7 (128 channels, 64×64) 0.68 s against 1.0 s
+(unfold route) and 3.7 s (``F.unfold``). For a subset of output positions (randomized
+factors) the chosen windows are gathered as runs of the last dimension's taps (one index
+per run, not per element).
 """
 
 from __future__ import annotations
