@@ -74,6 +74,8 @@ def grad_output_factor(
     approx: str = "expand",
     loss_average: str | None = "batch",
     group_average: bool = False,
+    subsample: float | int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Output-side Kronecker factor G from the gradient w.r.t. the layer's output.
 
@@ -87,10 +89,18 @@ def grad_output_factor(
             ``"batch+sequence"`` (mean over batch and the P positions, c = B·P). The
             scaling undoes the average so that G matches curvlinops' KFAC.
         group_average: one block over all output channels instead of one per group.
+        subsample, generator: as for :func:`kfac_tn.input_factor` (see
+            :func:`kfac_tn.factors.subsampled_grad_output_factor`).
 
     Returns:
         ``[groups, D, D]``, one block per channel group, ``D = C_out / groups``.
     """
+    if subsample is not None:
+        from kfac_tn.factors.input_factor import _check_subsample_approx
+        from kfac_tn.factors.subsampled import subsampled_grad_output_factor  # (it builds on this module)
+
+        _check_subsample_approx(approx)
+        return subsampled_grad_output_factor(layer, grad_output, subsample, loss_average, group_average, generator)
     rows = grad_output_rows(layer, grad_output, approx, loss_average, group_average)
     return torch.bmm(rows.transpose(1, 2), rows)
 

@@ -102,12 +102,24 @@ def _averaged_unfold_of_square(x: Tensor, dims: tuple[ConvDim, ...], chunk_bytes
     return averaged_unfolded_input(square, dims).flatten()
 
 
+def _check_subsample_approx(approx: str) -> None:
+    if approx != "expand":
+        raise ValueError("subsample samples output positions of KFAC-expand factors: use approx='expand'.")
+
+
 def _validate(layer: nn.Module, approx: str) -> None:
     check_layer(layer)
     check_approx(approx)
 
 
-def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand", group_average: bool = False) -> Tensor:
+def input_factor(
+    layer: nn.Module,
+    x: Tensor,
+    approx: str = "expand",
+    group_average: bool = False,
+    subsample: float | int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Input-side Kronecker factor A of ``layer`` for its input ``x``.
 
     Args:
@@ -118,6 +130,10 @@ def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand", group_aver
             positions) or ``"reduce"`` (``1/B Σ_b ū ūᵀ``, ū = mean of u over positions).
         group_average: for grouped convolutions, average the input over groups and return
             one shared block (singd's convention) instead of one exact block per group.
+        subsample: KFAC-expand only: an unbiased randomized factor from a random subset
+            of the output positions (a fraction in (0, 1] or a count; drawn from
+            ``generator``), see :func:`kfac_tn.factors.subsampled_input_factor`.
+        generator: random source of ``subsample``'s positions (torch's global one if None).
 
     Returns:
         ``[groups, d, d]``, one exact block per channel group (groups = 1 for Linear), with
@@ -128,6 +144,11 @@ def input_factor(layer: nn.Module, x: Tensor, approx: str = "expand", group_aver
         the padded input the layer convolves.
     """
     _validate(layer, approx)
+    if subsample is not None:
+        from kfac_tn.factors.subsampled import subsampled_input_factor  # (it builds on this module)
+
+        _check_subsample_approx(approx)
+        return subsampled_input_factor(layer, x, subsample, group_average, generator)
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
         rows = _linear_rows(layer, x, approx)

@@ -52,3 +52,20 @@ def test_all_positions_give_the_exact_factors_and_bad_fractions_are_errors():
     for bad in (0.0, 1.5, 0, True, "half"):
         with pytest.raises(ValueError, match="subsample"):
             subsampled_input_factor(layer, x, bad)
+
+
+def test_input_and_grad_output_factor_take_subsample():
+    """``subsample=`` on the public factor functions: the randomized factor of the same
+    draw (same seed), exact at every position; KFAC-reduce has no positions to sample."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
+    x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
+    g = torch.randn(3, 3, 3, 3, dtype=torch.float64)
+    for fn, sub, arg in ((kfac_tn.input_factor, subsampled_input_factor, x),
+                         (kfac_tn.grad_output_factor, subsampled_grad_output_factor, g)):
+        ours = fn(layer, arg, "expand", subsample=4, generator=torch.Generator().manual_seed(3))
+        theirs = sub(layer, arg, 4, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(fn(layer, arg, "expand", subsample=1.0), fn(layer, arg, "expand"))
+        with pytest.raises(ValueError, match="approx='expand'"):
+            fn(layer, arg, "reduce", subsample=0.5)
