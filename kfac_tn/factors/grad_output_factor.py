@@ -96,8 +96,9 @@ def grad_output_factor(
         ``[groups, D, D]``, one block per channel group, ``D = C_out / groups``.
     """
     if subsample is not None:
+        # (imported here: both modules build on this one)
         from kfac_tn.factors.input_factor import _check_subsample_approx
-        from kfac_tn.factors.subsampled import subsampled_grad_output_factor  # (it builds on this module)
+        from kfac_tn.factors.subsampled import subsampled_grad_output_factor
 
         _check_subsample_approx(approx)
         return subsampled_grad_output_factor(layer, grad_output, subsample, loss_average, group_average, generator)
