@@ -222,6 +222,7 @@ class KFAC(torch.optim.Optimizer):
         self._layouts = {name: (m.weight.device, m.weight.dtype) for name, m in self.layers.items()}
         self.kfac_state: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
         self._owner_of: dict[str, int] | None = None  # sharded: layer -> owning rank
+        self._factored: set[str] = set()  # sharded: layers whose owner holds factors (known on every rank)
         if shard_preconditioner and is_distributed():
             sizes = {name: float(num_blocks(m, self.group_average) * sum(d * d for d in block_dims(m, self.group_average)))
                      for name, m in self.layers.items()}
@@ -284,6 +285,7 @@ class KFAC(torch.optim.Optimizer):
                 for n, f in zip(names, factors):
                     by_owner.setdefault(self._owner_of[n], []).append(f[key])
                 reduce_to_owners(by_owner, average)
+            self._factored.update(names)  # the owners create their running averages now
             names_factors = [(n, f) for n, f in zip(names, factors) if self._owns(n)]
             self._pending = {n: self._pending[n] for n, _ in names_factors}
         else:
@@ -442,13 +444,13 @@ class KFAC(torch.optim.Optimizer):
                 warn_user(f"Layer {name!r} has never run its forward() (it is used through a functional call, "
                           "e.g. MultiheadAttention.out_proj), so it gets no KFAC factors and takes SGD steps. "
                           "This warning is shown once.")
-            if self._owner_of is not None and module.weight.grad is not None:
-                with_grad = [p for p in (module.weight, module.bias) if p is not None and p.grad is not None]
-                if not self._owns(name) or "A" not in state:  # the owner's direction / SGD's
+            if self._owner_of is not None and not self._owns(name):  # the owner's direction, if any
+                if module.weight.grad is not None and name in self._factored:
+                    with_grad = [p for p in (module.weight, module.bias) if p is not None and p.grad is not None]
                     for p in with_grad:
-                        directions[id(p)] = torch.empty_like(p.grad) if not self._owns(name) else p.grad.clone()
+                        directions[id(p)] = torch.empty_like(p.grad)
                     sent.setdefault(self._owner_of[name], []).extend(directions[id(p)] for p in with_grad)
-                    continue
+                continue
             if "A" not in state or module.weight.grad is None:
                 continue
             has_bias = module.bias is not None
@@ -555,6 +557,7 @@ class KFAC(torch.optim.Optimizer):
             name: {k: v.to(self.layers[name].weight.device) for k, v in s.items()} for name, s in kfac["layers"].items()
         }
         if self._owner_of is not None:  # sharded: keep the layers this rank owns
+            self._factored = {name for name, s in self.kfac_state.items() if "A" in s}
             self.kfac_state = {name: (s if self._owns(name) else {}) for name, s in self.kfac_state.items()}
         for layer_state in self.kfac_state.values():  # states saved before the flag existed
             if "A" in layer_state and "absorbed" not in layer_state:
