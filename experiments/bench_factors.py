@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from experiments.reporting import write_rows
+from experiments.reporting import run_worker, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,17 +94,23 @@ def _factor_fn(impl: str, approx: str, layer, x):
     raise ValueError(impl)
 
 
-def worker(case: str, impl: str, approx: str) -> dict:
+def case_setup(case: str):
+    """``(device, layer, input)`` of a case (seeded; CUDA when present), with the worker's
+    thread count (``BENCH_THREADS``, default 2)."""
     import torch
-
-    from experiments.measure import measure
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     c_in, c_out, k, s, p, g, shape = CASES[case]
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(c_in, c_out, k, s, p, groups=g, bias=False).to(device)
-    x = torch.randn(*shape, device=device)
+    return device, layer, torch.randn(*shape, device=device)
+
+
+def worker(case: str, impl: str, approx: str) -> dict:
+    from experiments.measure import measure
+
+    device, layer, x = case_setup(case)
     seconds, mib = measure(_factor_fn(impl, approx, layer, x), device)
     return {"case": case, "impl": impl, "approx": approx, "device": device.type,
             "ms": 1e3 * seconds, "extra_mib": mib}
@@ -123,19 +127,13 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     rows = []
     for case in args.cases:
         for approx in args.approx:
             for impl in args.impls:
-                proc = subprocess.run(
-                    [sys.executable, "-m", "experiments.bench_factors", "--worker", case, impl, approx],
-                    capture_output=True, text=True, env=env, cwd=ROOT,
-                )
-                if proc.returncode:
-                    print(f"{case} {impl} {approx} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                row = run_worker("experiments.bench_factors", [case, impl, approx])
+                if row is None:
                     continue
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(f"{case:20s} {approx:7s} {impl:8s} {row['ms']:9.2f} ms {row['extra_mib']:9.1f} MiB", flush=True)
     _report(rows, Path(args.out))

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from experiments.bench_factors import CASES
-from experiments.reporting import write_rows
+from experiments.bench_factors import CASES, case_setup
+from experiments.reporting import run_worker, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = ("resnet18_l1", "resnet18_l2", "resnet18_l3", "convnext_dw7x7", "mobilenetv2_dw3x3")
@@ -39,12 +36,7 @@ def worker(case: str, fraction: float) -> dict:
     from experiments.measure import measure
     from kfac_tn.factors import subsampled_grad_output_factor, subsampled_input_factor
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    c_in, c_out, k, s, p, g, shape = CASES[case]
-    torch.manual_seed(0)
-    layer = torch.nn.Conv2d(c_in, c_out, k, s, p, groups=g, bias=False).to(device)
-    x = torch.randn(*shape, device=device)
+    device, layer, x = case_setup(case)
     with torch.no_grad():
         grad_output = torch.randn_like(layer(x))
     generator = torch.Generator().manual_seed(1)
@@ -80,18 +72,12 @@ def main() -> None:
     if any(not 0 < f <= 1 for f in args.fractions):
         parser.error("fractions must lie in (0, 1]")
     fractions = sorted(set(args.fractions) | {1.0})
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     rows = []
     for case in args.cases:
         for fraction in fractions:
-            proc = subprocess.run(
-                [sys.executable, "-m", "experiments.bench_subsampled", "--worker", case, repr(fraction)],
-                capture_output=True, text=True, env=env, cwd=ROOT,
-            )
-            if proc.returncode:
-                print(f"{case} {fraction} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            row = run_worker("experiments.bench_subsampled", [case, repr(fraction)])
+            if row is None:
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"{case:20s} {fraction:6.4f}  A {row['A_ms']:8.1f} ms {row['A_extra_mib']:7.1f} MiB "
                   f"err {row['A_error']:.3f}   G {row['G_ms']:7.1f} ms err {row['G_error']:.3f}", flush=True)

@@ -29,6 +29,18 @@ def labelled_data(
     return torch.randn(*shape, generator=gen).to(dtype), torch.randint(0, classes, (shape[0],), generator=gen)
 
 
+def watch_layer(module: nn.Module) -> tuple[dict, object]:
+    """Record ``module``'s input (``seen["x"]``) and output gradient (``seen["g"]``) of the
+    next forward/backward; returns ``(seen, hook handle)``."""
+    seen: dict = {}
+
+    def watch(module, inputs, output):
+        seen["x"] = inputs[0]
+        output.register_hook(lambda g: seen.update(g=g))
+
+    return seen, module.register_forward_hook(watch)
+
+
 def destroy_process_group() -> None:
     """``dist.destroy_process_group()`` after the gloo worker threads dropped their finished
     work. torch 2.13 can deadlock otherwise: the group's destructor joins those threads while

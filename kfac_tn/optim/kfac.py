@@ -53,6 +53,7 @@ from kfac_tn.optim.user_warnings import unsupported_message, warn_user
 from kfac_tn.optim.validation import (
     check_layout,
     check_model,
+    check_sharding,
     fraction,
     in_unit_interval,
     non_negative,
@@ -189,11 +190,7 @@ class KFAC(torch.optim.Optimizer):
                 raise ValueError("subsample samples output positions of KFAC-expand factors: use kfac_approx='expand'.")
             sample_count(1, subsample)  # validates it
         self.subsample = subsample
-        if not isinstance(shard_preconditioner, bool):
-            raise ValueError(f"shard_preconditioner must be True or False, got {shard_preconditioner!r}.")
-        if shard_preconditioner and update_worker_fraction != 1.0:
-            raise ValueError("shard_preconditioner=True inverts each layer's factors on its owner only; it excludes "
-                             "update_worker_fraction (leave it at 1.0).")
+        check_sharding(shard_preconditioner, update_worker_fraction)
         self.shard_preconditioner = shard_preconditioner
         if params is None:
             params = supported_parameters(model)

@@ -107,6 +107,7 @@ from kfac_tn.optim.user_warnings import unsupported_message, warn_user
 from kfac_tn.optim.validation import (
     check_layout,
     check_model,
+    check_sharding,
     fraction,
     in_unit_interval,
     non_negative,
@@ -244,11 +245,7 @@ class SINGD(StockSINGD):
         if subsample is not None:
             sample_count(1, subsample)  # validates it
         self.subsample = subsample
-        if not isinstance(shard_preconditioner, bool):
-            raise ValueError(f"shard_preconditioner must be True or False, got {shard_preconditioner!r}.")
-        if shard_preconditioner and update_worker_fraction != 1.0:
-            raise ValueError("shard_preconditioner=True updates each layer on its owner only; it excludes "
-                             "update_worker_fraction (leave it at 1.0).")
+        check_sharding(shard_preconditioner, update_worker_fraction)
         self.shard_preconditioner = shard_preconditioner
         self._owner_of: dict[str, int] | None = None  # sharded: layer -> owning rank
         self._cache: dict[str, dict[str, list[Tensor | None]]] = {}

@@ -30,6 +30,15 @@ def fraction(name: str, value: Any) -> None:
         raise ValueError(f"{name} must lie in (0, 1], got {value!r}.")
 
 
+def check_sharding(shard_preconditioner: Any, update_worker_fraction: float) -> None:
+    """``shard_preconditioner`` is a bool and excludes ``update_worker_fraction < 1``."""
+    if not isinstance(shard_preconditioner, bool):
+        raise ValueError(f"shard_preconditioner must be True or False, got {shard_preconditioner!r}.")
+    if shard_preconditioner and update_worker_fraction != 1.0:
+        raise ValueError("shard_preconditioner=True updates each layer on its owner only; it excludes "
+                         "update_worker_fraction (leave it at 1.0).")
+
+
 def positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import flat_parameters
+from helpers import flat_parameters, watch_layer
 from torch import nn
 
 import kfac_tn
@@ -393,13 +393,7 @@ def test_subsampled_factors_enter_the_running_averages(monkeypatch):
     opt.remove_hooks()
     # a known subset (the first m positions) in place of the random draw
     monkeypatch.setattr(subsampled, "sample_positions", lambda P, s, generator=None: torch.arange(min(s, P)))
-    seen = {}
-
-    def watch(module, inputs, output):
-        seen["x"] = inputs[0]
-        output.register_hook(lambda g: seen.update(g=g))
-
-    hook = model[0].register_forward_hook(watch)
+    seen, hook = watch_layer(model[0])
     opt = kfac_tn.KFAC(model, lr=0.0, momentum=0.0, ema_decay=0.0, subsample=7)
     _train(model, opt, 1)
     hook.remove()

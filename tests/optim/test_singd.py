@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import labelled_data, train
+from helpers import labelled_data, train, watch_layer
 from singd.optim.optimizer import SINGD as StockSINGD
 from torch import nn
 
@@ -548,13 +548,7 @@ def test_subsampled_statistics_are_those_of_the_sampled_positions(monkeypatch):
     X, y = _data((6, 3, 7, 7), dtype=dtype)
     model = _cnn().to(dtype)
     monkeypatch.setattr(subsampled, "sample_positions", lambda P, s, generator=None: torch.arange(min(s, P)))
-    seen = {}
-
-    def watch(module, inputs, output):
-        seen["x"] = inputs[0]
-        output.register_hook(lambda g: seen.update(g=g))
-
-    hook = model[0].register_forward_hook(watch)
+    seen, hook = watch_layer(model[0])
     opt = kfac_tn.SINGD(model, subsample=5, T=1)
     nn.functional.cross_entropy(model(X), y).backward()
     hook.remove()
