@@ -109,6 +109,14 @@ def grad_output_factor(
     return torch.bmm(columns, columns.transpose(1, 2)).mul_(scale)
 
 
+def grad_output_scale(layer: nn.Module, grad_output: Tensor, approx: str, loss_average: str | None) -> float:
+    """The factor c that undoes ``loss_average`` (see :func:`grad_output_factor`), checked."""
+    _check(layer, grad_output, approx, loss_average)
+    B = grad_output.shape[0]
+    channels = grad_output.shape[-1] if isinstance(layer, nn.Linear) else grad_output.shape[1]
+    return _scale(loss_average, B, grad_output.numel() // (B * channels))
+
+
 def _feature_major(
     layer: nn.Module, grad_output: Tensor, approx: str, loss_average: str | None, group_average: bool
 ) -> tuple[Tensor, float]:
@@ -116,11 +124,10 @@ def _feature_major(
     ``[groups, D, R]`` holds each output channel's R summands contiguously (one copy of
     ``grad_output``), so the Gram is a GEMM with a long inner dimension; 3-5× faster than
     from ``[groups, R, D]`` rows, most for few channels per group."""
-    _check(layer, grad_output, approx, loss_average)
+    scale = grad_output_scale(layer, grad_output, approx, loss_average)
     groups = 1 if group_average else layer_groups(layer)
     B = grad_output.shape[0]
     x = grad_output.reshape(B, groups, grad_output.shape[1] // groups, -1)  # [B, groups, D, P]
-    scale = _scale(loss_average, B, x.shape[-1])
     if approx == "reduce":
         x = x.sum(-1, keepdim=True)
     return x.permute(1, 2, 0, 3).reshape(groups, x.shape[2], -1), scale
