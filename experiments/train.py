@@ -259,7 +259,8 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
             correct += _hits(out, y)
             seen += len(y)
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", s_per_step=f"{elapsed / (step + 1):.2f}")
+            shown = {} if dense else {"acc": f"{correct / seen:.3f}"}
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", **shown, s_per_step=f"{elapsed / (step + 1):.2f}")
         test_loss, test_acc = _evaluate(model, test_loader, device)
         history.append({
             "epoch": epoch,
