@@ -23,10 +23,6 @@ def _check(layer: nn.Module, grad_output: Tensor, approx: str, loss_average: str
     check_output(layer, grad_output)
 
 
-def _scale(loss_average: str | None, batch: int, positions: int) -> float:
-    return {None: 1.0, "batch": float(batch), "batch+sequence": float(batch * positions)}[loss_average]
-
-
 def _per_position(layer: nn.Module, grad_output: Tensor) -> Tensor:
     """``[B, P, D_total]`` view: batch, weight-sharing positions, output channels."""
     B = grad_output.shape[0]
@@ -40,10 +36,9 @@ def _summands(
 ) -> tuple[Tensor, int, float]:
     """``(g, groups, c)``: ``g`` ``[B, P, groups·D]`` per position (reduce: P = 1, summed over
     positions), the number of blocks ``groups`` and the loss-average scale ``c``."""
-    _check(layer, grad_output, approx, loss_average)
+    scale = grad_output_scale(layer, grad_output, approx, loss_average)
     groups = 1 if group_average else layer_groups(layer)
     g = _per_position(layer, grad_output)  # [B, P, groups·D]
-    scale = _scale(loss_average, g.shape[0], g.shape[1])
     if approx == "reduce":
         g = g.sum(1, keepdim=True)
     return g, groups, scale
@@ -114,7 +109,15 @@ def grad_output_scale(layer: nn.Module, grad_output: Tensor, approx: str, loss_a
     _check(layer, grad_output, approx, loss_average)
     B = grad_output.shape[0]
     channels = grad_output.shape[-1] if isinstance(layer, nn.Linear) else grad_output.shape[1]
-    return _scale(loss_average, B, grad_output.numel() // (B * channels))
+    positions = grad_output.numel() // (B * channels)
+    return {None: 1.0, "batch": float(B), "batch+sequence": float(B * positions)}[loss_average]
+
+
+def channel_blocks(layer: nn.Module, grad_output: Tensor, group_average: bool) -> Tensor:
+    """A convolution's output gradient as ``[B, groups, D, P]`` (a view: batch, channel
+    groups, channels per group, positions)."""
+    groups = 1 if group_average else layer_groups(layer)
+    return grad_output.reshape(grad_output.shape[0], groups, grad_output.shape[1] // groups, -1)
 
 
 def _feature_major(
@@ -125,12 +128,10 @@ def _feature_major(
     ``grad_output``), so the Gram is a GEMM with a long inner dimension; 3-5× faster than
     from ``[groups, R, D]`` rows, most for few channels per group."""
     scale = grad_output_scale(layer, grad_output, approx, loss_average)
-    groups = 1 if group_average else layer_groups(layer)
-    B = grad_output.shape[0]
-    x = grad_output.reshape(B, groups, grad_output.shape[1] // groups, -1)  # [B, groups, D, P]
+    x = channel_blocks(layer, grad_output, group_average)  # [B, groups, D, P]
     if approx == "reduce":
         x = x.sum(-1, keepdim=True)
-    return x.permute(1, 2, 0, 3).reshape(groups, x.shape[2], -1), scale
+    return x.permute(1, 2, 0, 3).flatten(2), scale
 
 
 def grad_output_factor_diagonal(

@@ -21,9 +21,9 @@ from math import prod, sqrt
 import torch
 from torch import Tensor, nn
 
-from kfac_tn.factors.grad_output_factor import grad_output_rows, grad_output_scale
+from kfac_tn.factors.grad_output_factor import channel_blocks, grad_output_rows, grad_output_scale
 from kfac_tn.factors.input_factor import _append_ones, _conv_setup, input_rows
-from kfac_tn.factors.layers import check_layer, layer_groups, num_positions
+from kfac_tn.factors.layers import check_layer, num_positions
 from kfac_tn.kernels.group_gram import group_gram_kfc
 from kfac_tn.kernels.kfc import group_route
 from kfac_tn.kernels.unfold_gram import windows
@@ -123,13 +123,10 @@ def subsampled_grad_output_factor(
         picked = rows.unflatten(1, (B, P)).index_select(2, chosen.to(rows.device)).flatten(1, 2)
         return torch.bmm(picked.transpose(1, 2), picked).mul_(P / chosen.numel())
     # convolutions: the chosen positions of [B, groups, D, P], then feature-major columns
-    check_layer(layer)
-    groups = 1 if group_average else layer_groups(layer)
-    B = grad_output.shape[0]
-    x = grad_output.reshape(B, groups, grad_output.shape[1] // groups, -1)
+    scale = grad_output_scale(layer, grad_output, "expand", loss_average)
+    x = channel_blocks(layer, grad_output, group_average)
     P = x.shape[-1]
     chosen = positions if positions is not None else sample_positions(P, subsample, generator)
     # (advanced indexing of the last dimension: 6x faster than index_select there on a CPU)
     picked = x[..., chosen.to(x.device)].permute(1, 2, 0, 3).flatten(2)  # [groups, D, B·m]
-    scale = grad_output_scale(layer, grad_output, "expand", loss_average)
     return torch.bmm(picked, picked.transpose(1, 2)).mul_(scale * P / chosen.numel())
