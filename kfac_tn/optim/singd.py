@@ -683,15 +683,15 @@ class SINGD(StockSINGD):
     def _sharded_natural_gradients(self, modules: list[tuple[nn.Module, str]], averaged_loss: bool) -> list[list]:
         """Sharded: each layer's gradients (of the whole batch) to its owner, the owner's
         natural gradient to every rank; ``(parameter, natural gradient)`` per layer."""
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank = dist.get_rank()
         grads: dict[int, list[Tensor]] = {}
         for module, name in modules:
             grads.setdefault(self._owner_of[name], []).extend(
                 p.grad for p in (module.weight, module.bias) if p is not None and p.grad is not None)
-        if not self._capture.ddp_synced:
+        if self._capture.ddp_synced:  # averaged by DDP already (a summed loss: scaled)
+            reduce_gradients_(grads.get(rank, []), averaged_loss, ddp_synced=True)
+        else:
             reduce_to_owners(grads, average=averaged_loss)
-        elif not averaged_loss:  # DDP averaged the gradients of a summed loss
-            torch._foreach_mul_(grads.get(rank, []), float(world))
         out, nats = [], {}
         for module, name in modules:
             owner = self._owner_of[name]
