@@ -413,24 +413,26 @@ def test_float64_with_a_float32_only_structure_is_a_clear_error(structure):
     assert params.dtype == torch.float64 and torch.isfinite(params).all()
 
 
-def _checkpoint_kwargs(structure):
-    """Arguments of the runs that move checkpoints between stock singd and kfac_tn."""
-    return dict(lr=0.1, lr_cov=0.1, T=1, structures=(structure, structure), weight_decay=1e-3)
+def _checkpoint_run(optimizer_class, structure):
+    """``(data, kwargs, model, optimizer)`` after 3 float64 steps of the runs that move
+    checkpoints between stock singd and kfac_tn."""
+    dtype = torch.float64
+    data = _data((6, 3, 7, 7), dtype=dtype)
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, structures=(structure, structure), weight_decay=1e-3)
+    model = _cnn().to(dtype)
+    opt = optimizer_class(model, **kwargs)
+    _train(model, opt, data, 3)
+    return data, kwargs, model, opt
 
 
 @pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal"])
 def test_loads_a_stock_singd_checkpoint(structure, stock_float64):
     """Train with stock singd, continue with kfac_tn from stock's state: the same
     parameters as stock continuing (float64)."""
-    dtype = torch.float64
-    data = _data((6, 3, 7, 7), dtype=dtype)
-    kwargs = _checkpoint_kwargs(structure)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m1 = _cnn().to(dtype)
-        stock = StockSINGD(m1, **kwargs)
-        _train(m1, stock, data, 3)
-        m2 = _cnn().to(dtype)
+        data, kwargs, m1, stock = _checkpoint_run(StockSINGD, structure)
+        m2 = _cnn().to(torch.float64)
         m2.load_state_dict(m1.state_dict())
         ours = kfac_tn.SINGD(m2, **kwargs)
         ours.load_state_dict(copy.deepcopy(stock.state_dict()))
@@ -468,14 +470,9 @@ def test_a_checkpoint_continues_in_stock_singd(structure, pending, stock_float64
 
     from kfac_tn.optim.singd import stock_state_dict
 
-    dtype = torch.float64
-    data = _data((6, 3, 7, 7), dtype=dtype)
-    kwargs = _checkpoint_kwargs(structure)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m1 = _cnn().to(dtype)
-        ours = kfac_tn.SINGD(m1, **kwargs)
-        _train(m1, ours, data, 3)
+        data, kwargs, m1, ours = _checkpoint_run(kfac_tn.SINGD, structure)
         if pending:
             ours.zero_grad()
             nn.functional.cross_entropy(m1(data[0]), data[1]).backward()
@@ -483,7 +480,7 @@ def test_a_checkpoint_continues_in_stock_singd(structure, pending, stock_float64
         torch.save(ours.state_dict(), buffer)
         buffer.seek(0)
         state = torch.load(buffer, weights_only=True)
-        m2 = _cnn().to(dtype)
+        m2 = _cnn().to(torch.float64)
         m2.load_state_dict(m1.state_dict())
         stock = StockSINGD(m2, **kwargs)
         stock.load_state_dict(stock_state_dict(state))
