@@ -84,6 +84,19 @@ def assign_greedy(costs: dict[str, float], n_groups: int) -> dict[str, int]:
     return owners
 
 
+def all_ranks_ok(ok: Tensor, ddp_synced: bool) -> Tensor:
+    """``ok`` (0-d bool, this rank's "no inf/NaN") of every rank combined: false if any rank's
+    is. Without a DistributedDataParallel backward each rank's gradients are its own until
+    the optimizer reduces them, so one rank's NaN would reach the others' updates while only
+    that rank skipped; one small all-reduce (MIN), no host sync. After a DDP backward the
+    gradients, and so the flags, agree already: nothing is sent."""
+    if not is_distributed() or ddp_synced:
+        return ok
+    flag = ok.to(torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.bool()
+
+
 def reduce_gradients_(tensors: list[Tensor], averaged_loss: bool, ddp_synced: bool) -> None:
     """Turn every rank's ``tensors`` (gradients, or directions linear in them) into those of
     one process on the concatenated batch, in place: the mean over ranks for an averaged

@@ -61,6 +61,7 @@ from kfac_tn.optim.diagonal_bank import DiagonalBank
 from kfac_tn.optim.distributed import (
     all_reduce_flat,
     all_reduce_flat_async,
+    all_ranks_ok,
     assign_greedy,
     broadcast_flat,
     is_distributed,
@@ -836,7 +837,8 @@ class SINGD(StockSINGD):
             warn_user("Encountered inf in gradients. Skipping update.")
 
     def _gradients_ok(self, found_inf: Tensor | None) -> Tensor:
-        """0-d bool on the device: no inf/NaN in any gradient (and none found by a GradScaler)."""
+        """0-d bool on the device: no inf/NaN in any gradient (and none found by a GradScaler),
+        on any rank."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         device = self.param_groups[0]["params"][0].device
         ok = torch.ones((), dtype=torch.bool, device=device)
@@ -844,7 +846,7 @@ class SINGD(StockSINGD):
             ok = gradients_finite(grads)
         if found_inf is not None:
             ok = ok & (found_inf == 0)
-        return ok
+        return all_ranks_ok(ok, self._capture.ddp_synced)
 
     def _update_bank(self, group_idx: int, bank: DiagonalBank | BlockBank, ok: Tensor) -> None:
         """Update every due layer of one bank at once (see :meth:`DiagonalBank.update_`,

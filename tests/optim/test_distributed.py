@@ -193,3 +193,46 @@ def _check_shards(shards, name, single_opt):
                                 else [single_opt.Ks[layer]]):
             torch.testing.assert_close(ours.to_dense(), theirs.to_dense(), rtol=1e-4, atol=1e-5)
 
+
+
+def _nan_worker(rank, name, init_file, out_dir):
+    """STEPS steps; at the second, rank 1's batch holds a NaN input."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        X, y = _data()
+        shard = slice(rank * 4, (rank + 1) * 4)
+        model = _model()
+        opt = _optimizer(name, model)
+        trajectory = []
+        for step in range(STEPS):
+            X_step = X[shard].clone()
+            if step == 1 and rank == 1:
+                X_step[0, 0, 0, 0] = float("nan")
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X_step), y[shard]).backward()
+            with pytest.warns(UserWarning) if step == 1 else contextlib.nullcontext():
+                opt.step()
+                if hasattr(opt, "_deferred"):
+                    opt._deferred.flush()  # the skip warning follows once its flag reached the host
+            trajectory.append(flat_parameters(model))
+        torch.save(torch.stack(trajectory), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        opt = None
+    finally:
+        destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "shard_singd", "kfac", "shard_kfac"])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(name):
+    """Gradients and statistics are reduced over ranks, so a NaN in one rank's batch
+    reaches every rank: all of them skip that step (parameters unchanged, finite) and
+    go on identically, instead of the others applying the NaN."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        mp.start_processes(_nan_worker, args=(name, init_file, out_dir), nprocs=WORLD, start_method="spawn")
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    assert torch.equal(ranks[0], ranks[1])
+    assert torch.isfinite(ranks[0]).all()
+    assert torch.equal(ranks[0][1], ranks[0][0])  # the second step was skipped
+    assert not torch.equal(ranks[0][2], ranks[0][1])  # the third was taken
