@@ -42,6 +42,14 @@ from kfac_tn.optim.distributed import (
     worker_groups,
 )
 from kfac_tn.optim.factor_sums import FactorSums
+from kfac_tn.optim.kfac_update import (
+    INVERSE_KEYS,
+    INVERSE_METHODS,
+    absorb_,
+    invert,
+    kl_clip_,
+    precondition,
+)
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
 from kfac_tn.optim.sharding import (
     assign_owners,
@@ -62,27 +70,6 @@ from kfac_tn.optim.validation import (
     unwrap_model,
 )
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks, num_blocks
-
-INVERSE_METHODS = ("eigh", "cholesky")
-#: per inversion method, the state tensors an inversion produces
-INVERSE_KEYS = {"eigh": ("eval_A", "Q_A", "eval_G", "Q_G"), "cholesky": ("A_inv", "G_inv")}
-
-
-def _damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of symmetric PSD blocks ``[B, d, d]``: (eigenvalues >= 0, vectors).
-
-    LAPACK's float32 solver can fail to converge on ill-conditioned factors; then the
-    decomposition is repeated in float64 (and cast back), which is exact, not a fudge.
-    """
-    M = M.to(dtype)
-    M = (M + M.transpose(1, 2)) / 2
-    try:
-        evals, evecs = torch.linalg.eigh(M)
-    except torch.linalg.LinAlgError:
-        evals, evecs = torch.linalg.eigh(M.double())
-        evals, evecs = evals.to(dtype), evecs.to(dtype)
-    # contiguous: ranks that receive a broadcast copy must multiply with the same layout
-    return evals.clamp_min_(0).contiguous(), evecs.contiguous()
 
 
 def _warn_skipped(flags: list[bool], step: int) -> None:
@@ -310,14 +297,7 @@ class KFAC(torch.optim.Optimizer):
             if "A" not in state:
                 state["A"], state["G"] = torch.zeros_like(A), torch.zeros_like(G)
                 state["absorbed"] = torch.zeros((), dtype=torch.bool, device=A.device)
-            on = use.to(A.dtype)
-            # old weight: ε (1 for the first factors' zero start: any value, times 0), 1 if unused
-            first = ~state["absorbed"]
-            keep = torch.where(use, torch.where(first, 0.0, self.ema_decay * on), 1.0)
-            take = torch.where(first, on, on * (1 - self.ema_decay))
-            for key, new in (("A", A), ("G", G)):
-                state[key].mul_(keep).addcmul_(torch.where(use, new, 0.0), take)
-            state["absorbed"] = state["absorbed"] | use
+            absorb_(state, A, G, use, self.ema_decay)
             names.append(name)
             flags.append(~finite & ok)
         self._pending = {}
@@ -332,38 +312,16 @@ class KFAC(torch.optim.Optimizer):
             self._deferred.post(torch.stack(flags), report)
 
     # ------------------------------------------------------------- inverses
-    def _damping_split(self, A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-        """Per block ``(δ_A, δ_G)`` with ``δ_A δ_G = λ``; shapes ``[B, 1]``."""
-        root = torch.full((A.shape[0], 1), damping**0.5, dtype=A.dtype, device=A.device)
-        if not self.pi_damping:
-            return root, root
-        tr_A = A.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
-        tr_G = G.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
-        pi = (tr_A / tr_G).sqrt().nan_to_num(nan=1.0, posinf=1.0).clamp_min(1e-12)
-        return root * pi, root / pi
-
     def _invert(self, name: str) -> None:
-        state = self.kfac_state[name]
         damping = self.param_groups[self._group_index[name]]["damping"]
-        A, G = state["A"], state["G"]
-        d_A, d_G = self._damping_split(A, G, damping)
-        dtype = self.inverse_dtype
-        if self.inverse_method == "eigh":
-            state["eval_A"], state["Q_A"] = _damped_eigh(A, dtype)
-            state["eval_G"], state["Q_G"] = _damped_eigh(G, dtype)
-            state["eval_A"] += d_A.to(dtype)
-            state["eval_G"] += d_G.to(dtype)
-            return
-        eye_A = torch.eye(A.shape[-1], dtype=dtype, device=A.device)
-        eye_G = torch.eye(G.shape[-1], dtype=dtype, device=G.device)
-        for key, M, delta, eye in (("A_inv", A, d_A, eye_A), ("G_inv", G, d_G, eye_G)):
-            L, info = torch.linalg.cholesky_ex(M.to(dtype) + delta.to(dtype).unsqueeze(-1) * eye)
-            if bool((info > 0).any()):
-                raise torch.linalg.LinAlgError(
-                    f"Cholesky of the damped {key[0]} factor of layer {name!r} failed: increase damping "
-                    f"(now {damping}) or use inverse_method='eigh'."
-                )
-            state[key] = torch.cholesky_inverse(L).contiguous()
+        state = self.kfac_state[name]
+        try:
+            state.update(invert(state["A"], state["G"], damping, self.pi_damping, self.inverse_method,
+                                self.inverse_dtype))
+        except torch.linalg.LinAlgError as error:
+            raise torch.linalg.LinAlgError(
+                f"{error} for layer {name!r}: increase damping (now {damping}) or use inverse_method='eigh'."
+            ) from error
 
     def _update_inverses(self, force: bool) -> None:
         """Invert due factors, spread over rank groups if ``update_worker_fraction < 1``."""
@@ -391,21 +349,6 @@ class KFAC(torch.optim.Optimizer):
             tensors = [self.kfac_state[n][k] for n in due if owners[n] == index for k in keys]
             if tensors:
                 broadcast_flat(tensors, src=members[0])
-
-    def _precondition(self, name: str, blocks: list[Tensor]) -> list[Tensor]:
-        state = self.kfac_state[name]
-        out = []
-        for b, V in enumerate(blocks):
-            v = V.to(self.inverse_dtype)
-            if self.inverse_method == "eigh":
-                Q_A, Q_G = state["Q_A"][b], state["Q_G"][b]
-                inner = Q_G.T @ v @ Q_A
-                inner /= state["eval_G"][b].unsqueeze(1) * state["eval_A"][b].unsqueeze(0)
-                nat = Q_G @ inner @ Q_A.T
-            else:
-                nat = state["G_inv"][b] @ v @ state["A_inv"][b]
-            out.append(nat.to(V.dtype))
-        return out
 
     # ------------------------------------------------------------------ step
     # under torch.compile(opt.step) the step runs eagerly (it is fused already; dynamo
@@ -452,7 +395,7 @@ class KFAC(torch.optim.Optimizer):
                 continue
             has_bias = module.bias is not None
             blocks = gradient_blocks(module, self.group_average)
-            nats = from_matrix_blocks(module, self._precondition(name, blocks), has_bias)
+            nats = from_matrix_blocks(module, precondition(state, blocks, self.inverse_dtype), has_bias)
             for p, d in zip((module.weight, module.bias), nats):
                 if p is not None and p.grad is not None:  # SGD's direction until factors entered
                     directions[id(p)] = torch.where(state["absorbed"], d, p.grad)
@@ -460,8 +403,10 @@ class KFAC(torch.optim.Optimizer):
                         sent.setdefault(self._owner_of[name], []).append(directions[id(p)])
         if sent:
             broadcast_from_owners(sent)
-        if self.kl_clip is not None and directions:
-            self._clip_kl_(directions)
+        if self.kl_clip is not None:  # over the directions of the optimizer's parameters
+            lr_of = {id(p): (p, group["lr"]) for group in self.param_groups for p in group["params"]}
+            mine = [(d, *lr_of[i]) for i, d in directions.items() if i in lr_of]
+            kl_clip_([d for d, _, _ in mine], [p.grad for _, p, _ in mine], [lr for *_, lr in mine], self.kl_clip)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -473,20 +418,6 @@ class KFAC(torch.optim.Optimizer):
         self._deferred.post(torch.stack([~scaler_ok, ~ok]), partial(_warn_skipped, step=self.steps))
         self.steps += 1
         return loss
-
-    def _clip_kl_(self, directions: dict[int, Tensor]) -> None:
-        """Scale the preconditioned directions in place by ``ν = min(1, sqrt(κ / |Σ lr² ⟨d, g⟩|))``.
-
-        ``lr² ⟨d, g⟩`` is the step's squared Fisher norm ``‖lr·d‖²_F`` under the damped
-        Kronecker curvature, i.e. its predicted KL change. ν stays on the device (no sync).
-        """
-        lr_of = {id(p): (p, group["lr"]) for group in self.param_groups for p in group["params"]}
-        mine = [(d, *lr_of[i]) for i, d in directions.items() if i in lr_of]  # params of the optimizer
-        if not mine:
-            return
-        inner = torch.stack([torch.vdot(d.flatten(), p.grad.flatten().to(d.dtype)) * lr**2 for d, p, lr in mine]).sum()
-        nu = (self.kl_clip / inner.abs()).sqrt().clamp(max=1.0)
-        torch._foreach_mul_([d for d, _, _ in mine], nu)
 
     def _unscale(self, grads: list[Tensor]) -> Tensor:
         """Undo a GradScaler's loss scale on gradients (1/s) and pending G (1/s²).

@@ -1,0 +1,130 @@
+"""KFAC's update rule as functions of tensors, without optimizer state or hooks.
+
+Per layer block with factors ``A [d_A, d_A]``, ``G [d_G, d_G]`` and gradient ``V [d_G, d_A]``
+(the optimizer's blocks are batched: ``A [B, d_A, d_A]``, ``G [B, d_G, d_G]``):
+
+- running averages (:func:`absorb_`): ``A ← ε A + (1 − ε) A_new``, likewise G; the first
+  factors replace the zero start; a factor that is not used keeps its bits;
+- damping (:func:`damping_split`): ``δ_A = π √λ``, ``δ_G = √λ / π`` with ``π = 1`` or the
+  π-correction of Martens & Grosse, ``π² = (tr A / d_A) / (tr G / d_G)``;
+- inverses (:func:`invert`): the eigendecompositions of ``A``, ``G`` with the damping
+  added to the eigenvalues, or the Cholesky inverses of ``A + δ_A I``, ``G + δ_G I``;
+- preconditioning (:func:`precondition`): ``(G + δ_G I)⁻¹ V (A + δ_A I)⁻¹``;
+- KL clipping (:func:`kl_clip_`): directions scaled by ``ν = min(1, √(κ / |Σ lr² ⟨d, g⟩|))``.
+
+Every data-dependent scalar stays on the device (no host sync), except the check of a
+Cholesky factorization, which runs only where one is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+INVERSE_METHODS = ("eigh", "cholesky")
+#: per inversion method, the tensors an inversion produces
+INVERSE_KEYS = {"eigh": ("eval_A", "Q_A", "eval_G", "Q_G"), "cholesky": ("A_inv", "G_inv")}
+
+
+def damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of symmetric PSD blocks ``[B, d, d]``: eigenvalues ``[B, d]``
+    (clamped at 0) and eigenvectors ``[B, d, d]``, in ``dtype``.
+
+    LAPACK's float32 solver can fail to converge on ill-conditioned factors; then the
+    decomposition is repeated in float64 (and cast back), which is exact, not a fudge.
+    """
+    M = M.to(dtype)
+    M = (M + M.transpose(1, 2)) / 2
+    try:
+        evals, evecs = torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        evals, evecs = torch.linalg.eigh(M.double())
+        evals, evecs = evals.to(dtype), evecs.to(dtype)
+    # contiguous: ranks that receive a broadcast copy must multiply with the same layout
+    return evals.clamp_min_(0).contiguous(), evecs.contiguous()
+
+
+def damping_split(A: Tensor, G: Tensor, damping: float, pi_damping: bool) -> tuple[Tensor, Tensor]:
+    """``(δ_A, δ_G)``, each ``[B, 1]``, with ``δ_A δ_G = λ`` (``damping``) for blocks
+    ``A [B, d_A, d_A]``, ``G [B, d_G, d_G]``; ``δ_A / δ_G = π²`` with ``pi_damping``, else 1.
+    A block with a zero or non-finite trace ratio gets ``π = 1``."""
+    root = torch.full((A.shape[0], 1), damping**0.5, dtype=A.dtype, device=A.device)
+    if not pi_damping:
+        return root, root
+    tr_A = A.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
+    tr_G = G.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
+    pi = (tr_A / tr_G).sqrt().nan_to_num(nan=1.0, posinf=1.0).clamp_min(1e-12)
+    return root * pi, root / pi
+
+
+def invert(A: Tensor, G: Tensor, damping: float, pi_damping: bool, method: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The damped inverses of blocks ``A [B, d_A, d_A]``, ``G [B, d_G, d_G]`` in ``dtype``,
+    keyed by :data:`INVERSE_KEYS` ``[method]``: ``"eigh"``: eigenvalues (damping added) and
+    eigenvectors; ``"cholesky"``: ``(A + δ_A I)⁻¹``, ``(G + δ_G I)⁻¹``.
+
+    Raises ``torch.linalg.LinAlgError`` naming the factor if a Cholesky factorization fails
+    (one host sync, only for ``"cholesky"``).
+    """
+    d_A, d_G = damping_split(A, G, damping, pi_damping)
+    if method == "eigh":
+        eval_A, Q_A = damped_eigh(A, dtype)
+        eval_G, Q_G = damped_eigh(G, dtype)
+        return {"eval_A": eval_A + d_A.to(dtype), "Q_A": Q_A, "eval_G": eval_G + d_G.to(dtype), "Q_G": Q_G}
+    if method != "cholesky":
+        raise ValueError(f"method must be one of {INVERSE_METHODS}, got {method!r}.")
+    out = {}
+    for key, M, delta in (("A_inv", A, d_A), ("G_inv", G, d_G)):
+        eye = torch.eye(M.shape[-1], dtype=dtype, device=M.device)
+        L, info = torch.linalg.cholesky_ex(M.to(dtype) + delta.to(dtype).unsqueeze(-1) * eye)
+        if bool((info > 0).any()):
+            raise torch.linalg.LinAlgError(f"Cholesky of the damped {key[0]} factor failed")
+        out[key] = torch.cholesky_inverse(L).contiguous()
+    return out
+
+
+def precondition(inverse: dict[str, Tensor], blocks: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``(G + δ_G I)⁻¹ V_b (A + δ_A I)⁻¹`` for each gradient block ``V_b [d_G, d_A]`` from the
+    output of :func:`invert`; products in ``dtype``, results in each block's dtype."""
+    out = []
+    for b, V in enumerate(blocks):
+        v = V.to(dtype)
+        if "Q_A" in inverse:
+            Q_A, Q_G = inverse["Q_A"][b], inverse["Q_G"][b]
+            inner = Q_G.T @ v @ Q_A
+            inner /= inverse["eval_G"][b].unsqueeze(1) * inverse["eval_A"][b].unsqueeze(0)
+            nat = Q_G @ inner @ Q_A.T
+        else:
+            nat = inverse["G_inv"][b] @ v @ inverse["A_inv"][b]
+        out.append(nat.to(V.dtype))
+    return out
+
+
+def absorb_(averages: dict[str, Tensor], A: Tensor, G: Tensor, use: Tensor, ema_decay: float) -> None:
+    """Fold new factors into running averages ``averages["A"]``, ``["G"]`` in place.
+
+    ``averages["absorbed"]`` (0-d bool) says whether factors entered before: the first ones
+    replace the averages; later ones give ``ε·old + (1 − ε)·new``. Where ``use`` (0-d bool)
+    is false, the averages keep their bits even if ``A``/``G`` hold inf/NaN. No host sync.
+    """
+    on = use.to(A.dtype)
+    first = ~averages["absorbed"]
+    # old weight: ε (0 for the first factors: the zero start times any value), 1 if unused
+    keep = torch.where(use, torch.where(first, 0.0, ema_decay * on), 1.0)
+    take = torch.where(first, on, on * (1 - ema_decay))
+    for key, new in (("A", A), ("G", G)):
+        averages[key].mul_(keep).addcmul_(torch.where(use, new, 0.0), take)
+    averages["absorbed"] = averages["absorbed"] | use
+
+
+def kl_clip_(directions: list[Tensor], grads: list[Tensor], lrs: list[float], kl_clip: float) -> None:
+    """Scale ``directions`` ``d`` in place by ``ν = min(1, √(κ / |Σ lr² ⟨d, g⟩|))``.
+
+    ``lr² ⟨d, g⟩`` is a step's squared Fisher norm under the damped Kronecker curvature
+    (its predicted KL change), summed over the parameters; ν stays on the device.
+    """
+    if not directions:
+        return
+    inner = torch.stack([torch.vdot(d.flatten(), g.flatten().to(d.dtype)) * lr**2
+                         for d, g, lr in zip(directions, grads, lrs, strict=True)]).sum()
+    nu = (kl_clip / inner.abs()).sqrt().clamp(max=1.0)
+    torch._foreach_mul_(directions, nu)
