@@ -16,6 +16,7 @@ kernels (:func:`step_scalars`), not by a dozen scalar kernels per block.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from singd.structures.base import StructuredMatrix
@@ -23,6 +24,7 @@ from singd.structures.blockdiagonal import BlockDiagonalMatrixTemplate
 from singd.structures.dense import DenseMatrix
 from torch import Tensor
 
+from kfac_tn.optim.matrix_tensors import matrix_dtype, statistics_tensors, untraced_sums
 from kfac_tn.optim.structured_products import right_multiply_update_, symmetric_addmm_
 from kfac_tn.optim.symmetric_sum import SymmetricSum
 from kfac_tn.runtime.routes import launch_bound
@@ -148,6 +150,70 @@ def riemannian_step_(
     for (_, t), (_, p) in zip(M.named_tensors(), product.named_tensors()):
         t.addcmul_(p, -beta)
     return new_m
+
+
+class FactorPair(NamedTuple):
+    """One block's pre-conditioner factors ``K [d_K, d_K]``, ``C [d_C, d_C]``, their
+    statistics ``H_K``, ``H_C`` and Riemannian momenta ``m_K``, ``m_C`` (None without)."""
+
+    K: StructuredMatrix
+    C: StructuredMatrix
+    H_K: StructuredMatrix | SymmetricSum
+    H_C: StructuredMatrix | SymmetricSum
+    m_K: StructuredMatrix | None
+    m_C: StructuredMatrix | None
+
+
+def update_pairs_(
+    pairs: list[FactorPair], ok: Tensor, dims: Tensor, *, grad_unscaling: float, damping: float,
+    kfac_like: bool, scale: float, alpha1: float, beta: float, normalize: bool, workspace: Workspace | None = None,
+) -> tuple[list[tuple[StructuredMatrix | None, StructuredMatrix | None]], Tensor]:
+    """SINGD's update (singd 0.0.5) of the K and C of ``B`` blocks of one parameter group.
+
+    Args:
+        pairs: the blocks; their K, C (and momenta) are updated in place. H_K, H_C are
+            consumed: a skipped block's statistics are zeroed.
+        ok: 0-d bool, the step's gradient flag; false skips every block.
+        dims: ``[B, 4]`` ``(d_K, d_C, d_K, d_C)`` per block, in the traces' dtype.
+        grad_unscaling, damping, kfac_like, scale, alpha1, beta: as in :func:`step_scalars`.
+        normalize: ``normalize_lr_cov`` (β divided by ``max(1, max|m|)``).
+        workspace: scratch for the dense products, reset before each factor.
+
+    Returns the new momenta ``(m_K, m_C)`` per block (None where ``alpha1 == 0``) and
+    ``finite`` ``[B]`` bool: a block whose statistics or traces are not finite is skipped
+    on the device (K, C and momenta keep their bits). No host sync: all traces and
+    step sizes are formed together by a few vector kernels.
+    """
+    raw = []
+    for pair in pairs:
+        tr_HK, tr_HC = trace(pair.H_K), trace(pair.H_C)
+        sums = untraced_sums(pair.H_K) + untraced_sums(pair.H_C)
+        check = torch.stack(sums).sum() if sums else tr_HK
+        raw += [tr_HK, tr_HC, trace_inner(pair.K), trace_inner(pair.C), check]
+    raw = torch.stack(raw).view(len(pairs), 5)
+    finite = torch.isfinite(raw).all(1)
+    update = finite & ok
+    table = step_scalars(raw[:, :4] / dims, update, grad_unscaling=grad_unscaling, damping=damping,
+                         kfac_like=kfac_like, scale=scale, alpha1=alpha1, beta=beta)
+    skip = ~update
+    tables: dict[torch.dtype, Tensor] = {table.dtype: table}
+    momenta = []
+    for i, pair in enumerate(pairs):
+        for H in (pair.H_K, pair.H_C):  # a skipped update must not meet inf/NaN (0·inf is NaN)
+            for t in statistics_tensors(H):
+                t.masked_fill_(skip[i], 0.0)
+        new = []
+        for side, (M, H, m_old) in enumerate(((pair.K, pair.H_K, pair.m_K), (pair.C, pair.H_C, pair.m_C))):
+            dtype = matrix_dtype(M)
+            if dtype not in tables:
+                tables[dtype] = table.to(dtype)
+            if workspace is not None:
+                workspace.reset()
+            m = riemannian_step_(M, H, m_old if alpha1 != 0.0 else None, StepScalars.from_row(tables[dtype][side, i]),
+                                 normalize=normalize, workspace=workspace)
+            new.append(m if alpha1 != 0.0 else None)
+        momenta.append((new[0], new[1]))
+    return momenta, finite
 
 
 def _dense_step_(M, H, m_old, scalars: StepScalars, normalize: bool, workspace):

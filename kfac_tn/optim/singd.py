@@ -30,8 +30,7 @@ reuses its structured matrices). What differs:
 
 from __future__ import annotations
 
-import copy
-import sys
+import functools
 from collections.abc import Callable, Iterable
 from math import sqrt
 from typing import Any
@@ -42,7 +41,6 @@ from singd.optim.optimizer import SINGD as StockSINGD
 from singd.structures.base import StructuredMatrix
 from singd.structures.blockdiagonal import BlockDiagonalMatrixTemplate
 from singd.structures.dense import DenseMatrix
-from singd.structures.diagonal import DiagonalMatrix
 from torch import Tensor, nn
 
 from kfac_tn.capture import LayerCapture, supported_layers, supported_parameters, unsupported_layers
@@ -53,15 +51,15 @@ from kfac_tn.factors import (
     input_factor_blocks,
     input_factor_diagonal_sum,
 )
-from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, as_called
+from kfac_tn.factors.layers import as_called
 from kfac_tn.factors.subsampled import sample_count
 from kfac_tn.optim.block_bank import BlockBank
 from kfac_tn.optim.deferred import DeferredFlags
 from kfac_tn.optim.diagonal_bank import DiagonalBank
 from kfac_tn.optim.distributed import (
+    all_ranks_ok,
     all_reduce_flat,
     all_reduce_flat_async,
-    all_ranks_ok,
     assign_greedy,
     broadcast_flat,
     is_distributed,
@@ -76,14 +74,20 @@ from kfac_tn.optim.factor_statistics import (
     sandwich_statistics,
 )
 from kfac_tn.optim.layer_matrices import LayerMatricesAttribute, as_blocks
-from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
-from kfac_tn.optim.riemannian_update import (
-    StepScalars,
-    riemannian_step_,
-    step_scalars,
-    trace,
-    trace_inner,
+from kfac_tn.optim.matrix_tensors import (
+    cast,
+    matrix_dtype,
+    singd_computes_in,
+    statistics_tensors,
+    stored_elements,
 )
+from kfac_tn.optim.natural_gradient import (
+    block_natural_gradient,
+    diagonal_natural_gradient,
+    stacked_natural_gradient,
+)
+from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
+from kfac_tn.optim.riemannian_update import FactorPair, update_pairs_
 from kfac_tn.optim.sharding import (
     assign_owners,
     broadcast_from_owners,
@@ -98,9 +102,6 @@ from kfac_tn.optim.singd_state import (  # noqa: F401  (stock_state_dict: public
     stock_state_dict,
 )
 from kfac_tn.optim.structured_products import (
-    left_multiply,
-    right_multiply,
-    rmatmat_transposes,
     stock_projector,
 )
 from kfac_tn.optim.symmetric_sum import SymmetricSum
@@ -328,7 +329,7 @@ class SINGD(StockSINGD):
             structures = self._get_param_group_entry(module, "structures")
             G = num_blocks(module, self._group_average)
             for structure, dtype in zip(structures, (dtype_K, dtype_C)):
-                if not _singd_computes_in(self.SUPPORTED_STRUCTURES[structure], dtype):
+                if not singd_computes_in(self.SUPPORTED_STRUCTURES[structure], dtype):
                     raise ValueError(
                         f"Structure {structure!r} (layer {name!r}) cannot be stored in {dtype}: singd "
                         "0.0.5's structured products reject it. Pass preconditioner_dtype=(torch.float32, "
@@ -377,7 +378,7 @@ class SINGD(StockSINGD):
             dim_K, dim_C = block_dims(module, self._group_average)
             (dtype_K, dtype_C), _ = self._get_preconditioner_dtypes_and_device(module)
             K_cls, C_cls = (self.SUPPORTED_STRUCTURES[s] for s in self._get_param_group_entry(module, "structures"))
-            per_block = (_elements(K_cls, dim_K) * dtype_K.itemsize + _elements(C_cls, dim_C) * dtype_C.itemsize)
+            per_block = (stored_elements(K_cls, dim_K) * dtype_K.itemsize + stored_elements(C_cls, dim_C) * dtype_C.itemsize)
             momenta = 2 if self._get_param_group_entry(module, "alpha1") != 0.0 else 1
             out[name] = float(num_blocks(module, self._group_average) * per_block * momenta)
         return out
@@ -458,8 +459,8 @@ class SINGD(StockSINGD):
         if self._owner_of is not None:
             self._reduce_statistics_to_owner(name, layer, a, g, kfac_approx, loss_average)
             return
-        Ks = [_cast(K, stat_K) for K in self._K_blocks[name]]
-        Cs = [_cast(C, stat_C) for C in self._C_blocks[name]]
+        Ks = [cast(K, stat_K) for K in self._K_blocks[name]]
+        Cs = [cast(C, stat_C) for C in self._C_blocks[name]]
         ga, ws = self._group_average, self._stats_workspace
         H_K = input_H(layer, a, Ks, kfac_approx, ga, self.subsample, ws)
         H_C = grad_output_H(layer, g, Cs, kfac_approx, loss_average, ga, self.subsample, ws)
@@ -467,7 +468,7 @@ class SINGD(StockSINGD):
             # factors of different ranks cannot be summed: densify, then one bucket per layer
             H_K = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_K]
             H_C = [SymmetricSum(dense=H.to_dense()) if isinstance(H, SymmetricSum) else H for H in H_C]
-            tensors = [t for H in H_K + H_C for t in _tensors(H)]
+            tensors = [t for H in H_K + H_C for t in statistics_tensors(H)]
             finish = all_reduce_flat_async(tensors, dist.ReduceOp.AVG)
             # overlaps the rest of the backward pass; completed at the next step()
             self._in_flight.append((name, H_K, H_C, finish))
@@ -555,35 +556,15 @@ class SINGD(StockSINGD):
         ws.reset()
         Ks, Cs = self._K_blocks[name], self._C_blocks[name]
         if len(grads) > 1 and all(isinstance(M, DenseMatrix) for M in Ks + Cs):  # grouped: batched
-            return from_matrix_blocks(module, _stacked_natural_gradient(grads, Ks, Cs, grad_scale, dtype_K, dtype_C),
+            return from_matrix_blocks(module, stacked_natural_gradient(grads, Ks, Cs, grad_scale, dtype_K, dtype_C),
                                       has_bias)
         out = []
         for b, grad in enumerate(grads):
-            if grad_scale != 1.0:
-                grad = grad / grad_scale
-            K, C = self._K_blocks[name][b], self._C_blocks[name][b]
-            KKT = self._projector(name, "KKT", b, K, T, dim_K, dim_C)
-            CCT = self._projector(name, "CCT", b, C, T, dim_C, dim_K)
-            g = grad.to(dtype_K) if dtype_K is not None else grad
-            if isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix):
-                # C Cᵀ G K Kᵀ = diag(c²) G diag(k²): two passes instead of four products
-                k2, c2 = _diagonal(K).square(), _diagonal(C).square()
-                nat = torch.mul(g, k2, out=results.take(tuple(g.shape), g)).to(dtype_C or g.dtype).mul_(c2.unsqueeze(1))
-                out.append(nat.to(grad.dtype))
-                continue
-            # stock: (K @ K.rmatmat(gᵀ))ᵀ, then C @ C.rmatmat(·); same products, batched
-            # (dense caches are symmetric tensors, block-diagonal ones K K per block)
-            if KKT is None:
-                nat = right_multiply(g, K, not rmatmat_transposes(K), ws)
-                nat = right_multiply(nat, K, True, ws)
-            else:
-                nat = right_multiply(g, KKT, True, ws)
-            nat = nat.to(dtype_C) if dtype_C is not None else nat
-            if CCT is None:
-                nat = left_multiply(C, left_multiply(C, nat, rmatmat_transposes(C), ws), False, results)
-            else:
-                nat = left_multiply(CCT, nat, False, results)
-            out.append(nat.to(grad.dtype))
+            K, C = Ks[b], Cs[b]
+            out.append(block_natural_gradient(
+                grad / grad_scale if grad_scale != 1.0 else grad, K, C,
+                self._projector(name, "KKT", b, K, T, dim_K, dim_C), self._projector(name, "CCT", b, C, T, dim_C, dim_K),
+                dtype_K, dtype_C, ws, results))
         return from_matrix_blocks(module, out, has_bias)
 
     def _finish_reductions(self) -> None:
@@ -595,8 +576,8 @@ class SINGD(StockSINGD):
                 if name not in self._K_blocks:
                     continue
                 Ks, Cs = self._K_blocks[name], self._C_blocks[name]
-                H_K = sandwich_statistics([_cast(K, H_K[0].dtype) for K in Ks], H_K, self.subsample)
-                H_C = sandwich_statistics([_cast(C, H_C[0].dtype) for C in Cs], H_C, self.subsample)
+                H_K = sandwich_statistics([cast(K, H_K[0].dtype) for K in Ks], H_K, self.subsample)
+                H_C = sandwich_statistics([cast(C, H_C[0].dtype) for C in Cs], H_C, self.subsample)
             self._add_statistics(name, H_K, H_C)
 
     @torch.compiler.disable  # under torch.compile(opt.step): eager, already fused; no recompiles
@@ -770,39 +751,19 @@ class SINGD(StockSINGD):
 
     def _update_blocks(self, group: dict, blocks: list, ok: Tensor) -> None:
         """One parameter group's blocks ``(name, b, K, C, H_K, H_C)``: see :meth:`_update_preconditioners`."""
-        raw = []
-        for _, _, K, C, H_K, H_C in blocks:
-            tr_HK, tr_HC = trace(H_K), trace(H_C)
-            sums = _untraced_sums(H_K) + _untraced_sums(H_C)
-            check = torch.stack(sums).sum() if sums else tr_HK
-            raw += [tr_HK, tr_HC, trace_inner(K), trace_inner(C), check]
-        raw = torch.stack(raw).view(len(blocks), 5)
-        finite = torch.isfinite(raw).all(1)
-        update = finite & ok
-        traces = raw[:, :4] / self._block_dims(blocks, raw)
-        alpha1, normalize = group["alpha1"], group["normalize_lr_cov"]
-        table = step_scalars(traces, update, **self._update_scalars(group))
-        skip = ~update
-        tables: dict[torch.dtype, Tensor] = {table.dtype: table}
-        for i, (name, b, K, C, H_K, H_C) in enumerate(blocks):
-            for H in (H_K, H_C):  # a skipped update must not meet inf/NaN (0·inf is NaN)
-                for t in _tensors(H):
-                    t.masked_fill_(skip[i], 0.0)
+        alpha1 = group["alpha1"]
+        pairs = []
+        for name, b, K, C, H_K, H_C in blocks:
             m_Ks, m_Cs = self._m_K_blocks.get(name), self._m_C_blocks.get(name)
-            for side, (M, H, momenta, store) in enumerate(((K, H_K, m_Ks, self._m_K_blocks), (C, H_C, m_Cs, self._m_C_blocks))):
-                dtype = _dtype(M)
-                if dtype not in tables:
-                    tables[dtype] = table.to(dtype)
-                self._step_workspace.reset()
-                new_m = riemannian_step_(
-                    M, H, momenta[b] if momenta is not None and alpha1 != 0.0 else None,
-                    StepScalars.from_row(tables[dtype][side, i]), normalize=normalize,
-                    workspace=self._step_workspace,
-                )
-                if alpha1 != 0.0:
-                    store[name][b] = new_m
-        names = list(dict.fromkeys(name for name, *_ in blocks))
-        for name in names:
+            pairs.append(FactorPair(K, C, H_K, H_C, m_Ks[b] if m_Ks is not None else None,
+                                    m_Cs[b] if m_Cs is not None else None))
+        dims = self._block_dims(blocks)
+        momenta, finite = update_pairs_(pairs, ok, dims, normalize=group["normalize_lr_cov"],
+                                        workspace=self._step_workspace, **self._update_scalars(group))
+        for (name, b, *_), (m_K, m_C) in zip(blocks, momenta):
+            if alpha1 != 0.0:
+                self._m_K_blocks[name][b], self._m_C_blocks[name][b] = m_K, m_C
+        for name in dict.fromkeys(name for name, *_ in blocks):
             self._invalidate(name)
         block_names, step = [name for name, *_ in blocks], self.steps
 
@@ -822,13 +783,18 @@ class SINGD(StockSINGD):
             beta=lr_cov(self.steps) if callable(lr_cov) else lr_cov,
         )
 
-    def _block_dims(self, blocks: list, like: Tensor) -> Tensor:
-        """``[B, 4]`` of ``(d_K, d_C, d_K, d_C)`` per block, on the device (cached per block list)."""
+    def _block_dims(self, blocks: list) -> Tensor:
+        """``[B, 4]`` of ``(d_K, d_C, d_K, d_C)`` per block, on the device in the dtype of the
+        blocks' traces (cached per block list)."""
         key = tuple((name, b) for name, b, *_ in blocks)
+        _, _, K, *_ = blocks[0]
+        dtypes = [matrix_dtype(M) for _, _, K_b, C_b, _, _ in blocks for M in (K_b, C_b)]
+        dtypes += [statistics_tensors(H)[0].dtype for *_, H_K, H_C in blocks for H in (H_K, H_C)]
+        dtype, device = functools.reduce(torch.promote_types, dtypes), next(t for _, t in K.named_tensors()).device
         dims = self._dims_cache.get(key)
-        if dims is None or dims.device != like.device or dims.dtype != like.dtype:
+        if dims is None or dims.device != device or dims.dtype != dtype:
             rows = [(K.shape[0], C.shape[0], K.shape[0], C.shape[0]) for _, _, K, C, _, _ in blocks]
-            dims = self._dims_cache[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
+            dims = self._dims_cache[key] = torch.tensor(rows, dtype=dtype, device=device)
         return dims
 
     @staticmethod
@@ -877,24 +843,7 @@ class SINGD(StockSINGD):
         bank = self._bank_of[name]
         k2, c2 = bank.K_view(bank.squares, name), bank.C_view(bank.squares, name)  # [G, d_K], [G, d_C]
         grad_scale = self._gradient_scale()
-        weight, bias = module.weight, module.bias
-        G, d_C = c2.shape
-        out = []
-        if not isinstance(module, TRANSPOSED_CONV_TYPES):  # rows of weight.flatten(1) are the blocks' rows
-            w = weight.grad.reshape(G, d_C, -1)
-            results = self._natural_gradient_workspace
-            k2_w = k2[:, None, : w.shape[2]]
-            dtype = torch.promote_types(w.dtype, k2.dtype)
-            nat = torch.mul(w, k2_w, out=results.take(w.shape, w, dtype))
-            out.append((weight, nat.mul_(c2.unsqueeze(2)).view(weight.shape)))
-            if bias is not None and bias.grad is not None:
-                b = bias.grad.view(G, d_C)
-                nat_b = torch.mul(b, c2, out=results.take(b.shape, b, dtype))
-                out.append((bias, nat_b.mul_(k2[:, w.shape[2] :]).view(bias.shape)))
-        else:
-            blocks = [g * k2[b] * c2[b].unsqueeze(1) for b, g in enumerate(gradient_blocks(module, self._group_average))]
-            nats = from_matrix_blocks(module, blocks, bias is not None)
-            out = [(p, n) for p, n in zip((weight, bias), nats) if p.grad is not None]
+        out = diagonal_natural_gradient(module, k2, c2, self._group_average, self._natural_gradient_workspace)
         return [(p, (n / grad_scale if grad_scale != 1.0 else n).to(p.dtype)) for p, n in out]
 
     def _update_owners(self, n_groups: int) -> dict[str, int]:
@@ -994,88 +943,11 @@ class SINGD(StockSINGD):
         self._bind_bank_views(bank)
 
 
-def _stacked_natural_gradient(grads: list[Tensor], Ks: list[DenseMatrix], Cs: list[DenseMatrix], grad_scale: float,
-                              dtype_K: torch.dtype | None, dtype_C: torch.dtype | None) -> list[Tensor]:
-    """``C Cᵀ ∇ K Kᵀ`` of all G blocks of a grouped layer with dense K, C (``[d_C, d_K]``
-    each) by four batched products instead of four per block."""
-    g = torch.stack(grads)
-    if grad_scale != 1.0:
-        g = g / grad_scale
-    g = g.to(dtype_K) if dtype_K is not None else g
-    K = torch.stack([M.to_dense() for M in Ks])
-    C = torch.stack([M.to_dense() for M in Cs])
-    nat = torch.bmm(torch.bmm(g, K), K.transpose(1, 2))
-    nat = nat.to(dtype_C) if dtype_C is not None else nat
-    nat = torch.bmm(C, torch.bmm(C.transpose(1, 2), nat))
-    return list(nat.to(grads[0].dtype).unbind(0))
-
-
-def _elements(structure: type[StructuredMatrix], dim: int) -> int:
-    """Stored numbers of a ``dim × dim`` matrix of ``structure``."""
-    if issubclass(structure, DenseMatrix):
-        return dim * dim
-    return sum(t.numel() for _, t in structure.zeros(dim, dtype=torch.float32).named_tensors())
-
-
-def _cast(M: StructuredMatrix, dtype: torch.dtype) -> StructuredMatrix:
-    """``M`` itself if already in ``dtype``, else a shallow copy with its tensors cast."""
-    if _dtype(M) == dtype:
-        return M
-    cast = copy.copy(M)
-    for name, tensor in M.named_tensors():
-        setattr(cast, name, tensor.to(dtype))
-    return cast
-
-
-def _tensors(H) -> list[Tensor]:
-    """The tensors that hold statistics ``H`` (structured matrix or SymmetricSum)."""
-    if isinstance(H, SymmetricSum):
-        return H.tensors()
-    return [t for _, t in H.named_tensors()]
-
-
-def _singd_computes_in(structure: type[StructuredMatrix], dtype: torch.dtype) -> bool:
-    """Whether singd's products of ``structure`` accept ``dtype`` (its ``lowest_precision``
-    rejects float64 for the hierarchical and Toeplitz structures). kfac_tn's own routes
-    (dense, diagonal, block-diagonal) accept every float dtype."""
-    if structure is DenseMatrix or issubclass(structure, (DiagonalMatrix, BlockDiagonalMatrixTemplate)):
-        return True
-    check = getattr(sys.modules[structure.__module__], "lowest_precision", None)
-    if check is None:
-        return True
-    try:
-        check(dtype, dtype)
-    except NotImplementedError:
-        return False
-    return True
-
-
 def _warn_non_finite(names: list[str], step: int) -> None:
     """One warning per layer (named once) whose update was skipped for its statistics."""
     for name in dict.fromkeys(names):
         warn_user(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
                   "its pre-conditioner update (K, C and their momenta are unchanged).")
-
-
-def _untraced_sums(H) -> list[Tensor]:
-    """Sums over the entries of statistics ``H`` that its trace does not see (dense parts,
-    structured tensors), so that a finite trace and finite sums mean finite entries."""
-    if isinstance(H, SymmetricSum):  # tr(S Sᵀ) = ‖S‖² covers every entry of a thin factor
-        return [H.dense.sum()] if H.dense is not None else []
-    return [t.sum() for _, t in H.named_tensors() if t.numel()]
-
-
-def _diagonal(M: DiagonalMatrix) -> Tensor:
-    """The stored diagonal of a ``DiagonalMatrix`` (``to_dense`` would build d × d)."""
-    return dict(M.named_tensors())["_mat_diag"]
-
-
-def _dtype(M: StructuredMatrix) -> torch.dtype:
-    return next(t for _, t in M.named_tensors()).dtype
-
-
-def _device(M: StructuredMatrix) -> torch.device:
-    return next(t for _, t in M.named_tensors()).device
 
 
 def _validate_hyperparameters(

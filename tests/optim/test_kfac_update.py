@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kfac_tn
-from kfac_tn.optim.kfac_update import absorb_, damped_eigh, damping_split, invert, kl_clip_, precondition
+from kfac_tn.optim.kfac_update import (
+    absorb_,
+    damped_eigh,
+    damping_split,
+    invert,
+    kl_clip_,
+    precondition,
+)
 
 
 def _psd(B, d, gen, rank=None):

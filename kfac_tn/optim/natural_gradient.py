@@ -1,0 +1,97 @@
+"""SINGD's natural gradient ``C Cᵀ ∇ K Kᵀ`` of one layer block ``∇ [d_C, d_K]``.
+
+Same products as singd 0.0.5's ``(K @ K.rmatmat(∇ᵀ))ᵀ`` then ``C @ C.rmatmat(·)`` (for
+its block-diagonal structures ``rmatmat`` multiplies by the blocks untransposed, which is
+kept for parity), batched and without singd's temporaries:
+
+- diagonal K, C: ``diag(c²) ∇ diag(k²)``, two passes (:func:`diagonal_natural_gradient`
+  for a layer of a diagonal bank, all its groups at once);
+- cached projectors ``K Kᵀ`` / ``C Cᵀ`` (dense or block-diagonal): one product per side;
+- the blocks of a grouped layer with dense K, C: four batched products
+  (:func:`stacked_natural_gradient`).
+"""
+
+from __future__ import annotations
+
+import torch
+from singd.structures.base import StructuredMatrix
+from singd.structures.dense import DenseMatrix
+from singd.structures.diagonal import DiagonalMatrix
+from torch import Tensor, nn
+
+from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES
+from kfac_tn.optim.matrix_tensors import stored_diagonal
+from kfac_tn.optim.structured_products import left_multiply, right_multiply, rmatmat_transposes
+from kfac_tn.optim.weight_blocks import from_matrix_blocks, gradient_blocks
+from kfac_tn.runtime.workspace import Workspace
+
+
+def block_natural_gradient(
+    grad: Tensor, K: StructuredMatrix, C: StructuredMatrix, KKT: Tensor | StructuredMatrix | None = None,
+    CCT: Tensor | StructuredMatrix | None = None, dtype_K: torch.dtype | None = None,
+    dtype_C: torch.dtype | None = None, workspace: Workspace | None = None, results: Workspace | None = None,
+) -> Tensor:
+    """``C Cᵀ ∇ K Kᵀ`` (singd's products) for ``grad`` ``∇ [d_C, d_K]``, in ``grad``'s dtype.
+
+    ``KKT``/``CCT``: cached projectors (a symmetric ``d × d`` tensor for dense K, C, a
+    matrix of the same structure for block-diagonal ones), or None to multiply by K, C
+    twice. The products run in ``dtype_K`` then ``dtype_C`` (None: ``grad``'s).
+    Intermediates go to ``workspace``, the result to ``results`` (both optional).
+    """
+    g = grad.to(dtype_K) if dtype_K is not None else grad
+    if isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix):
+        k2, c2 = stored_diagonal(K).square(), stored_diagonal(C).square()
+        out = results.take(tuple(g.shape), g) if results is not None else None
+        nat = torch.mul(g, k2, out=out).to(dtype_C or g.dtype).mul_(c2.unsqueeze(1))
+        return nat.to(grad.dtype)
+    if KKT is None:
+        nat = right_multiply(g, K, not rmatmat_transposes(K), workspace)
+        nat = right_multiply(nat, K, True, workspace)
+    else:
+        nat = right_multiply(g, KKT, True, workspace)
+    nat = nat.to(dtype_C) if dtype_C is not None else nat
+    if CCT is None:
+        nat = left_multiply(C, left_multiply(C, nat, rmatmat_transposes(C), workspace), False, results)
+    else:
+        nat = left_multiply(CCT, nat, False, results)
+    return nat.to(grad.dtype)
+
+
+def stacked_natural_gradient(grads: list[Tensor], Ks: list[DenseMatrix], Cs: list[DenseMatrix], grad_scale: float = 1.0,
+                             dtype_K: torch.dtype | None = None, dtype_C: torch.dtype | None = None) -> list[Tensor]:
+    """``C_b C_bᵀ (∇_b / grad_scale) K_b K_bᵀ`` of the ``G`` blocks ``∇_b [d_C, d_K]`` of a
+    grouped layer with dense K, C, by four batched products instead of four per block."""
+    g = torch.stack(grads)
+    if grad_scale != 1.0:
+        g = g / grad_scale
+    g = g.to(dtype_K) if dtype_K is not None else g
+    K = torch.stack([M.to_dense() for M in Ks])
+    C = torch.stack([M.to_dense() for M in Cs])
+    nat = torch.bmm(torch.bmm(g, K), K.transpose(1, 2))
+    nat = nat.to(dtype_C) if dtype_C is not None else nat
+    nat = torch.bmm(C, torch.bmm(C.transpose(1, 2), nat))
+    return list(nat.to(grads[0].dtype).unbind(0))
+
+
+def diagonal_natural_gradient(module: nn.Module, k2: Tensor, c2: Tensor, group_average: bool,
+                              results: Workspace | None = None) -> list[tuple[nn.Parameter, Tensor]]:
+    """``(parameter, natural gradient)`` of a layer with diagonal K, C given their squared
+    diagonals ``k2 [G, d_K]``, ``c2 [G, d_C]`` (one row per group): ``c² ⊙ ∇ ⊙ k²`` on the
+    gradients in place of the ``[d_C, d_K]`` blocks (no block copies unless transposed),
+    in the promoted dtype of the gradients and the squares."""
+    weight, bias = module.weight, module.bias
+    G, d_C = c2.shape
+    if isinstance(module, TRANSPOSED_CONV_TYPES):  # blocks are not rows of weight.flatten(1)
+        blocks = [g * k2[b] * c2[b].unsqueeze(1) for b, g in enumerate(gradient_blocks(module, group_average))]
+        nats = from_matrix_blocks(module, blocks, bias is not None)
+        return [(p, n) for p, n in zip((weight, bias), nats) if p is not None and p.grad is not None]
+    w = weight.grad.reshape(G, d_C, -1)
+    dtype = torch.promote_types(w.dtype, k2.dtype)
+    k2_w = k2[:, None, : w.shape[2]]
+    nat = torch.mul(w, k2_w, out=results.take(w.shape, w, dtype) if results is not None else None)
+    out = [(weight, nat.mul_(c2.unsqueeze(2)).view(weight.shape))]
+    if bias is not None and bias.grad is not None:
+        b = bias.grad.view(G, d_C)
+        nat_b = torch.mul(b, c2, out=results.take(b.shape, b, dtype) if results is not None else None)
+        out.append((bias, nat_b.mul_(k2[:, w.shape[2]:]).view(bias.shape)))
+    return out
