@@ -105,16 +105,14 @@ from kfac_tn.optim.structured_products import (
     stock_projector,
 )
 from kfac_tn.optim.symmetric_sum import SymmetricSum
-from kfac_tn.optim.user_warnings import unsupported_message, warn_user
+from kfac_tn.optim.user_warnings import unsupported_message, warn_non_finite, warn_user
 from kfac_tn.optim.validation import (
     check_layout,
     check_model,
     check_sharding,
     fraction,
-    in_unit_interval,
-    non_negative,
     one_of,
-    positive_int,
+    singd_hyperparameters,
     unwrap_model,
 )
 from kfac_tn.optim.weight_blocks import block_dims, from_matrix_blocks, gradient_blocks, num_blocks
@@ -232,7 +230,7 @@ class SINGD(StockSINGD):
     ):
         check_model(model)
         model = unwrap_model(model)
-        _validate_hyperparameters(
+        singd_hyperparameters(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
             T=T, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
             loss_average=loss_average, init_grad_scale=init_grad_scale,
@@ -277,7 +275,7 @@ class SINGD(StockSINGD):
         self._unpreconditioned = [[p for p in group["params"] if id(p) not in layer_params]
                                   for group in self.param_groups]
         for group in self.param_groups:  # param groups may override the defaults
-            _validate_hyperparameters(
+            singd_hyperparameters(
                 supported_structures=self.SUPPORTED_STRUCTURES,
                 **{k: group[k] for k in ("lr", "momentum", "damping", "alpha1", "weight_decay",
                                          "T", "lr_cov", "structures", "kfac_approx", "loss_average")},
@@ -768,7 +766,7 @@ class SINGD(StockSINGD):
         block_names, step = [name for name, *_ in blocks], self.steps
 
         def report(values: list, block_names=block_names, step=step) -> None:
-            _warn_non_finite([n for n, skipped in zip(block_names, values) if skipped], step)
+            warn_non_finite([n for n, skipped in zip(block_names, values) if skipped], step)
 
         # a step skipped for its gradients is reported once, by step()
         self._deferred.post(~finite & ok, report)
@@ -833,7 +831,7 @@ class SINGD(StockSINGD):
             segments, step = bank.segments, self.steps
 
             def report(flags: list, segments=segments, step=step) -> None:
-                _warn_non_finite(segments.flagged(flags), step)
+                warn_non_finite(segments.flagged(flags), step)
 
             self._deferred.post(skipped, report)
         bank.clear_statistics()
@@ -941,31 +939,3 @@ class SINGD(StockSINGD):
                     self._H_K_blocks[name], self._H_C_blocks[name] = views_K, views_C
         bank.loaded_()
         self._bind_bank_views(bank)
-
-
-def _warn_non_finite(names: list[str], step: int) -> None:
-    """One warning per layer (named once) whose update was skipped for its statistics."""
-    for name in dict.fromkeys(names):
-        warn_user(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
-                  "its pre-conditioner update (K, C and their momenta are unchanged).")
-
-
-def _validate_hyperparameters(
-    *, lr, momentum, damping, alpha1, weight_decay, T, lr_cov, structures, kfac_approx,
-    loss_average, supported_structures, init_grad_scale=1.0,
-) -> None:
-    """ValueError naming the first invalid hyper-parameter."""
-    for name, value in (("lr", lr), ("momentum", momentum), ("damping", damping),
-                        ("weight_decay", weight_decay), ("init_grad_scale", init_grad_scale)):
-        non_negative(name, value)
-    in_unit_interval("alpha1", alpha1)
-    if not callable(lr_cov):
-        non_negative("lr_cov", lr_cov)
-    positive_int("T", T)
-    if not isinstance(structures, (tuple, list)) or len(structures) != 2:
-        raise ValueError(f"structures must be a pair of structure names, got {structures!r}.")
-    for s in structures:
-        if s not in supported_structures:
-            raise ValueError(f"Unknown structure {s!r} in structures; use one of {sorted(supported_structures)}.")
-    one_of("kfac_approx", kfac_approx, ("expand", "reduce"))
-    one_of("loss_average", loss_average, (None, "batch", "batch+sequence"))

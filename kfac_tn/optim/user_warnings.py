@@ -29,3 +29,10 @@ def unsupported_message(layers: list[str]) -> str:
             f"{', '.join(layers)}. Train them with a second optimizer stepped next to this one, e.g. "
             "torch.optim.SGD([p for p in model.parameters() if all(p is not q for g in opt.param_groups "
             "for q in g['params'])], lr=...); or pass warn_unsupported=False to silence this warning.")
+
+
+def warn_non_finite(names: list[str], step: int) -> None:
+    """One warning per layer (named once) whose update was skipped for its statistics."""
+    for name in dict.fromkeys(names):
+        warn_user(f"Non-finite curvature statistics in layer {name!r} at step {step}; skipping "
+                  "its pre-conditioner update (K, C and their momenta are unchanged).")

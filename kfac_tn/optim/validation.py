@@ -97,3 +97,24 @@ def check_layout(name: str, module: Any, expected: tuple) -> None:
             "optimizer was built: build the optimizer after moving the model (and load the old "
             "optimizer's state_dict into the new one if needed)."
         )
+
+
+def singd_hyperparameters(
+    *, lr, momentum, damping, alpha1, weight_decay, T, lr_cov, structures, kfac_approx,
+    loss_average, supported_structures, init_grad_scale=1.0,
+) -> None:
+    """ValueError naming the first invalid hyper-parameter of SINGD (singd 0.0.5's arguments)."""
+    for name, value in (("lr", lr), ("momentum", momentum), ("damping", damping),
+                        ("weight_decay", weight_decay), ("init_grad_scale", init_grad_scale)):
+        non_negative(name, value)
+    in_unit_interval("alpha1", alpha1)
+    if not callable(lr_cov):
+        non_negative("lr_cov", lr_cov)
+    positive_int("T", T)
+    if not isinstance(structures, (tuple, list)) or len(structures) != 2:
+        raise ValueError(f"structures must be a pair of structure names, got {structures!r}.")
+    for s in structures:
+        if s not in supported_structures:
+            raise ValueError(f"Unknown structure {s!r} in structures; use one of {sorted(supported_structures)}.")
+    one_of("kfac_approx", kfac_approx, ("expand", "reduce"))
+    one_of("loss_average", loss_average, (None, "batch", "batch+sequence"))
