@@ -783,16 +783,16 @@ class SINGD(StockSINGD):
 
     def _block_dims(self, blocks: list) -> Tensor:
         """``[B, 4]`` of ``(d_K, d_C, d_K, d_C)`` per block, on the device in the dtype of the
-        blocks' traces (cached per block list)."""
+        blocks' traces (cached per block list: a layer's dtypes and device are fixed)."""
         key = tuple((name, b) for name, b, *_ in blocks)
-        _, _, K, *_ = blocks[0]
-        dtypes = [matrix_dtype(M) for _, _, K_b, C_b, _, _ in blocks for M in (K_b, C_b)]
-        dtypes += [statistics_tensors(H)[0].dtype for *_, H_K, H_C in blocks for H in (H_K, H_C)]
-        dtype, device = functools.reduce(torch.promote_types, dtypes), next(t for _, t in K.named_tensors()).device
         dims = self._dims_cache.get(key)
-        if dims is None or dims.device != device or dims.dtype != dtype:
+        if dims is None:
+            dtypes = [matrix_dtype(M) for _, _, K, C, _, _ in blocks for M in (K, C)]
+            dtypes += [statistics_tensors(H)[0].dtype for *_, H_K, H_C in blocks for H in (H_K, H_C)]
+            device = next(t for _, t in blocks[0][2].named_tensors()).device
             rows = [(K.shape[0], C.shape[0], K.shape[0], C.shape[0]) for _, _, K, C, _, _ in blocks]
-            dims = self._dims_cache[key] = torch.tensor(rows, dtype=dtype, device=device)
+            dims = self._dims_cache[key] = torch.tensor(
+                rows, dtype=functools.reduce(torch.promote_types, dtypes), device=device)
         return dims
 
     @staticmethod
