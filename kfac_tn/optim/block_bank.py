@@ -141,8 +141,8 @@ class BlockBank:
         else:
             a_H, a_MM = other[0] * grad_unscaling, other[1] * damping
         s = on * scale
-        coefficients = torch.stack([a_H * s, a_MM * s, s, torch.where(update, on * alpha1, 1.0), on * beta])
-        c_H, c_MM, s_e, a1_e, beta_e = coefficients.index_select(1, seg).view(5, -1, 1, 1).unbind(0)
+        coefficients = torch.stack([a_H * s, a_MM * s, s, torch.where(update, on * alpha1, 1.0), on * -beta])
+        c_H, c_MM, s_e, a1_e, neg_beta_e = coefficients.index_select(1, seg).view(5, -1, 1, 1).unbind(0)
         keep = ~update.index_select(0, seg).view(-1, 1, 1)
         m = torch.where(keep, 0.0, H).mul_(c_H)  # a skipped block's H may be inf/NaN
         m.addcmul_(torch.bmm(M, M.transpose(1, 2)), c_MM)
@@ -153,7 +153,7 @@ class BlockBank:
         if normalize:
             largest = torch.zeros(S, dtype=self.dtype, device=self.device).index_reduce_(
                 0, seg, torch.linalg.vector_norm(m, ord=float("inf"), dim=(1, 2)), "amax", include_self=False)
-            beta_e = beta_e / largest.clamp_min(1.0).index_select(0, seg).view(-1, 1, 1)
-        M.addcmul_(torch.bmm(M, m), -beta_e)
+            neg_beta_e = neg_beta_e / largest.clamp_min(1.0).index_select(0, seg).view(-1, 1, 1)
+        M.addcmul_(torch.bmm(M, m), neg_beta_e)
         self._projectors = None
         return present & ~finite & ok

@@ -58,19 +58,20 @@ def infinity_norm(M: StructuredMatrix) -> Tensor:
 
 
 #: columns of a row of :func:`step_scalars`
-COLUMNS = ("a_H", "a_MM", "scale", "alpha1", "beta", "c_H", "c_MM", "root_c_H")
+COLUMNS = ("a_H", "a_MM", "scale", "alpha1", "neg_beta", "c_H", "c_MM", "root_c_H")
 
 
 @dataclass(frozen=True)
 class StepScalars:
-    """0-d tensors of one factor's step: ``a_H, a_MM, scale, alpha1, beta`` and the derived
+    """0-d tensors of one factor's step: ``a_H, a_MM, scale, alpha1``, ``neg_beta = −β`` (the
+    operand of ``M.addcmul_(M m, neg_beta)``: no negation kernel per factor) and the derived
     ``c_H = scale·a_H``, ``c_MM = scale·a_MM``, ``root_c_H = √c_H``."""
 
     a_H: Tensor
     a_MM: Tensor
     scale: Tensor
     alpha1: Tensor
-    beta: Tensor
+    neg_beta: Tensor
     c_H: Tensor
     c_MM: Tensor
     root_c_H: Tensor
@@ -110,7 +111,7 @@ def step_scalars(
     s = (on * scale).expand(2, -1)
     c_H = a_H * s
     a1 = torch.where(update, on * alpha1, 1.0).expand(2, -1)
-    columns = [a_H, a_MM, s, a1, (on * beta).expand(2, -1), c_H, a_MM * s, c_H.sqrt()]
+    columns = [a_H, a_MM, s, a1, (on * -beta).expand(2, -1), c_H, a_MM * s, c_H.sqrt()]
     return torch.stack(columns, dim=-1)
 
 
@@ -145,10 +146,10 @@ def riemannian_step_(
         t.mul_(scalars.scale)
         if old_tensors is not None:
             t.addcmul_(old_tensors[i], scalars.alpha1)
-    beta = scalars.beta / infinity_norm(new_m).clamp_min(1.0) if normalize else scalars.beta
+    neg_beta = scalars.neg_beta / infinity_norm(new_m).clamp_min(1.0) if normalize else scalars.neg_beta
     product = M @ new_m
     for (_, t), (_, p) in zip(M.named_tensors(), product.named_tensors()):
-        t.addcmul_(p, -beta)
+        t.addcmul_(p, neg_beta)
     return new_m
 
 
@@ -231,13 +232,13 @@ def _dense_step_(M, H, m_old, scalars: StepScalars, normalize: bool, workspace):
             buf.add_(H.to_dense().to(buf.dtype), alpha=float(scalars.c_H))
     buf.diagonal().sub_(scalars.scale)
     new_m = m_old if m_old is not None else DenseMatrix(buf)
-    beta = scalars.beta
+    neg_beta = scalars.neg_beta
     if normalize:
-        beta = beta / torch.linalg.vector_norm(buf, ord=float("inf")).clamp_min(1.0)
+        neg_beta = neg_beta / torch.linalg.vector_norm(buf, ord=float("inf")).clamp_min(1.0)
     if launch_bound(mat.device):  # one GEMM, into the d × d product that is dead by now
-        mat.addcmul_(torch.mm(mat, buf, out=inner), -beta)
+        mat.addcmul_(torch.mm(mat, buf, out=inner), neg_beta)
     else:  # blocks of rows: a small reused temporary
-        right_multiply_update_(mat, buf, beta, workspace=workspace)
+        right_multiply_update_(mat, buf, -neg_beta, workspace=workspace)
     return new_m
 
 
@@ -270,9 +271,9 @@ def _block_step_(M, H, m_old, scalars: StepScalars, normalize: bool):
         buf_b.addcmul_(Hs[key].to(dtype).view_as(buf_b), scalars.c_H)
         buf_b.addcmul_(torch.bmm(batched, batched.transpose(1, 2)), scalars.c_MM)
         buf_b.diagonal(dim1=1, dim2=2).sub_(scalars.scale)
-    beta = scalars.beta / infinity_norm(new_m).clamp_min(1.0) if normalize else scalars.beta
+    neg_beta = scalars.neg_beta / infinity_norm(new_m).clamp_min(1.0) if normalize else scalars.neg_beta
     for key in ("_blocks", "_last"):
         mat, buf = Ms[key], ms[key]
         if mat.numel():
-            mat.addcmul_(mat @ buf, -beta)
+            mat.addcmul_(mat @ buf, neg_beta)
     return new_m
