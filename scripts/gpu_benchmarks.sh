@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one command (under 8 minutes): the CUDA tests, then SGD / stock singd /
-# kfac_tn SINGD on ResNet18 and VGG19 at batch 32 and 128 (configs/compare_gpu.yaml).
+# kfac_tn SINGD on ResNet18 and VGG19 at batch 32 and 128 (configs/compare_gpu.yaml), then
+# whether a T = 1 step captures in a CUDA graph (experiments/cuda_graph_probe.py).
 # Usage: bash scripts/gpu_benchmarks.sh OUT_DIR
 # Runs offline: torch (CUDA), singd, opt_einsum and pyyaml must be importable; kfac_tn is
 # used from this checkout.
@@ -10,7 +11,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$out/gpu.txt" 2>&1
-timeout 90 python3 -m pytest -q tests/test_cuda.py 2>&1 | tail -20 | tee "$out/test_cuda.log"
+timeout 80 python3 -m pytest -q tests/test_cuda.py 2>&1 | tail -20 | tee "$out/test_cuda.log"
 timeout 200 python3 -m experiments.compare --config configs/compare_gpu.yaml --out "$out/compare_b32" 2>&1 | tee "$out/compare_b32.log"
-timeout 170 python3 -m experiments.compare --config configs/compare_gpu.yaml batch_size=128 --out "$out/compare_b128" 2>&1 | tee "$out/compare_b128.log"
+timeout 160 python3 -m experiments.compare --config configs/compare_gpu.yaml batch_size=128 --out "$out/compare_b128" 2>&1 | tee "$out/compare_b128.log"
+timeout 40 python3 -m experiments.cuda_graph_probe --out "$out/cuda_graph_probe" 2>&1 | tee "$out/cuda_graph_probe.log"
 rm -f "$out"/*.png "$out"/*.csv  # the JSON files hold every row

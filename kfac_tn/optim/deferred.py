@@ -5,7 +5,9 @@ The optimizers decide on the device whether a step or a block's update is skippe
 about (a skipped step, a layer with non-finite statistics) is copied to host memory
 asynchronously (pinned memory, ``non_blocking=True``) with an event, and reported as
 soon as the event has completed: on a CPU at once, on a GPU at the latest in a later
-step, or when :meth:`DeferredFlags.flush` is called.
+step, or when :meth:`DeferredFlags.flush` is called. Inside a CUDA graph capture nothing is
+copied or queried (either would break the capture): the skips still happen on the device,
+but replays of the graph report none.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class DeferredFlags:
     def post(self, flags: Tensor, on_read: Callable[[list], None]) -> None:
         """Copy ``flags`` to the host without a sync; ``on_read(flags.tolist())`` later."""
         if flags.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return
             host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()
@@ -36,6 +40,8 @@ class DeferredFlags:
 
     def poll(self) -> None:
         """Run the callbacks of every copy that has landed (never waits)."""
+        if self._pending and self._pending[0][1] is not None and torch.cuda.is_current_stream_capturing():
+            return
         while self._pending and (self._pending[0][1] is None or self._pending[0][1].query()):
             host, _, on_read = self._pending.pop(0)
             on_read(host.tolist())
