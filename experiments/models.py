@@ -33,19 +33,20 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet18 for 32×32 inputs (3×3 stem, no max-pool), as commonly used on CIFAR."""
+    """ResNet18 for 32×32 inputs (3×3 stem, no max-pool), as commonly used on CIFAR.
+    ``width``: channels of the first stage (64; the stages have 1, 2, 4, 8 times that)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        layers, c_in = [], 64
-        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, c_in = [], width
+        for c_out, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out)))
             c_in = c_out
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(8 * width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(self.bn1(self.conv1(x)).relu_())
@@ -56,9 +57,10 @@ VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512,
 
 
 class VGG19(nn.Module):
-    """VGG19 with BatchNorm for 32×32 inputs (one linear classifier)."""
+    """VGG19 with BatchNorm for 32×32 inputs (one linear classifier). ``width``: channels of
+    the first block (64; the later blocks have 2, 4, 8, 8 times that)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_channels
@@ -66,10 +68,11 @@ class VGG19(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
+                v = v * width // 64
                 layers += [nn.Conv2d(c_in, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                 c_in = v
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(512, num_classes)
+        self.classifier = nn.Linear(8 * width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x).flatten(1))
