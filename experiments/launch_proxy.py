@@ -19,10 +19,10 @@ implementation, as it does by default on a GPU. ``extra`` is the number of ops
 above an SGD step; ``ratio`` compares kfac_tn's extra with stock's.
 
 Host time: a GPU step that is bound by launches also pays the host's time to issue them
-(Python, hooks, dispatch). It is measured as the median wall time of a step of the same
-network with ``--host-width`` channels in its first stage (4 instead of 64: the kernels do
-almost no arithmetic), batch 2, 32×32 inputs, one thread, kfac_tn on its accelerator
-routes. Prints a markdown table and writes ``<out>.csv`` / ``<out>.json``.
+(Python, hooks, dispatch). It is measured as the wall time per step (median over 40 T-step
+periods) of the same network with ``--host-width`` channels in its first stage (1 instead
+of 64: the kernels do almost no arithmetic), batch 1, 32×32 inputs, one thread, kfac_tn on
+its accelerator routes. Prints a markdown table and writes ``<out>.csv`` / ``<out>.json``.
 """
 
 from __future__ import annotations
@@ -124,9 +124,11 @@ def _count(model_name: str, optimizer: str, hyper: dict, batch_size: int, seed: 
     }
 
 
-def host_ms(model_name: str, optimizer: str, hyper: dict, width: int, steps: int = 40, seed: int = 0) -> float:
-    """Median wall time [ms] of a step of ``model_name`` with ``width`` first-stage channels,
-    batch 2, 32×32, one thread, kfac_tn's accelerator routes: the host's share of a step."""
+def host_ms(model_name: str, optimizer: str, hyper: dict, width: int, periods: int = 40, seed: int = 0) -> float:
+    """Wall time [ms] per step of ``model_name`` with ``width`` first-stage channels, batch 1,
+    32×32, one thread, kfac_tn's accelerator routes (the host's share of a step): the median
+    over ``periods`` T-step periods of their mean step time."""
+    T = hyper.get("T", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -134,19 +136,20 @@ def host_ms(model_name: str, optimizer: str, hyper: dict, width: int, steps: int
             warnings.simplefilter("ignore")
             torch.manual_seed(seed)
             model = MODELS[model_name](width=width)
-            X, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+            X, y = torch.randn(1, 3, 32, 32), torch.randint(0, 10, (1,))
             kwargs = {"lr": 0.01, "momentum": 0.9, **hyper} if optimizer != "sgd" else {"lr": 0.01, "momentum": 0.9}
             opt = build_optimizer(model, optimizer, foreach=True, **kwargs)
             times = []
-            for _ in range(steps + 2 * hyper.get("T", 1) + 2):
+            for _ in range(periods + 2):
                 start = time.perf_counter()
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(X), y).backward()
-                opt.step()
-                times.append(time.perf_counter() - start)
+                for _ in range(T):
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(model(X), y).backward()
+                    opt.step()
+                times.append((time.perf_counter() - start) / T)
     finally:
         torch.set_num_threads(threads)
-    times = sorted(times[-steps:])
+    times = sorted(times[2:])
     return 1e3 * times[len(times) // 2]
 
 
@@ -156,7 +159,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--configs", nargs="+", default=None, help="labels to run (default: all)")
     parser.add_argument("--optimizers", nargs="+", default=["singd_stock", "singd_tn"])
-    parser.add_argument("--host-width", type=int, default=4, help="first-stage channels of the host-time nets")
+    parser.add_argument("--host-width", type=int, default=1, help="first-stage channels of the host-time nets")
     parser.add_argument("--out", default="results/launch_proxy")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -188,7 +191,7 @@ def main() -> None:
                       flush=True)
     write_rows(rows, Path(args.out))
     print(f"\nbatch {args.batch_size}; per step = one T period / T, forward + backward + step()")
-    print(f"host ms: median step of the same net with {args.host_width} first-stage channels, batch 2, one thread")
+    print(f"host ms: median step of the same net with {args.host_width} first-stage channels, batch 1, one thread")
     print("\n| net | configuration | optimizer | compute ops / step | extra over SGD | extra vs stock's | host syncs / step "
           "| host ms / step | × SGD's |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -64,6 +64,7 @@ class BlockBank:
         #: pending statistics H = M A Mᵀ per block, summed over backward passes
         self.stats = torch.zeros(N, b, b, dtype=self.stat_dtype, device=device)
         self._projectors: Tensor | None = None
+        self._matrices: dict[tuple[str, str], tuple[list, list]] = {}
         self.slot_segment = torch.tensor(slot_segment, device=device)
         self.dims = torch.tensor(dims, dtype=dtype, device=device)
         self.partner = torch.tensor(partner, device=device)
@@ -74,10 +75,17 @@ class BlockBank:
         return self.structure(buffer[first : first + n], buffer[first + n, :r, :r] if r else buffer[first, :0, :0])
 
     def matrices(self, buffer: Tensor, name: str) -> tuple[list, list]:
-        """singd block-diagonal matrices (K per group, C per group) viewing ``buffer``."""
-        entries = self.layout[name]
-        G = len(entries) // 2
-        return ([self._matrix(buffer, e) for e in entries[:G]], [self._matrix(buffer, e) for e in entries[G:]])
+        """singd block-diagonal matrices (K per group, C per group) viewing ``buffer`` (the
+        same objects at every call for the persistent ``values``, ``momenta``, ``stats``)."""
+        own = next((key for key in ("values", "momenta", "stats") if buffer is getattr(self, key)), None)
+        out = self._matrices.get((own, name)) if own is not None else None
+        if out is None:
+            entries = self.layout[name]
+            G = len(entries) // 2
+            out = ([self._matrix(buffer, e) for e in entries[:G]], [self._matrix(buffer, e) for e in entries[G:]])
+            if own is not None:
+                self._matrices[(own, name)] = out
+        return out
 
     def projectors(self, name: str) -> tuple[list, list]:
         """``M M`` per block (singd's ``M @ M.rmatmat(·)``) of the layer's K and C, computed

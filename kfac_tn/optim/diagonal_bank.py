@@ -59,22 +59,48 @@ class DiagonalBank:
         self.partner = torch.tensor(partner, device=device)
         self.is_K = torch.tensor(is_K, device=device)
         self._one = torch.ones((), dtype=dtype, device=device)
+        self._views: dict[tuple[str, str, int], Tensor] = {}
+        self._matrices: dict[tuple[str, str], tuple[list, list]] = {}
 
     # ------------------------------------------------------------- views
+    def _own(self, buffer: Tensor) -> str | None:
+        """The name of ``buffer`` if it is one of the bank's persistent buffers (whose views
+        are cached: they are only ever updated in place)."""
+        for key in ("values", "momenta", "stats", "squares"):
+            if buffer is getattr(self, key):
+                return key
+        return None
+
     def K_view(self, buffer: Tensor, name: str) -> Tensor:
         """``[G, d_K]`` view of a layer's K part of ``buffer``."""
-        k_start, _, G, d_K, _ = self.layout[name]
-        return buffer[k_start : k_start + G * d_K].view(G, d_K)
+        return self._view(buffer, name, 0)
 
     def C_view(self, buffer: Tensor, name: str) -> Tensor:
         """``[G, d_C]`` view of a layer's C part of ``buffer``."""
-        _, c_start, G, _, d_C = self.layout[name]
-        return buffer[c_start : c_start + G * d_C].view(G, d_C)
+        return self._view(buffer, name, 1)
+
+    def _view(self, buffer: Tensor, name: str, side: int) -> Tensor:
+        own = self._own(buffer)
+        view = self._views.get((own, name, side)) if own is not None else None
+        if view is None:
+            k_start, c_start, G, d_K, d_C = self.layout[name]
+            start, d = (k_start, d_K) if side == 0 else (c_start, d_C)
+            view = buffer[start : start + G * d].view(G, d)
+            if own is not None:
+                self._views[(own, name, side)] = view
+        return view
 
     def matrices(self, buffer: Tensor, name: str) -> tuple[list[DiagonalMatrix], list[DiagonalMatrix]]:
-        """singd ``DiagonalMatrix`` objects (K blocks, C blocks) viewing ``buffer``."""
-        return ([DiagonalMatrix(k) for k in self.K_view(buffer, name)],
-                [DiagonalMatrix(c) for c in self.C_view(buffer, name)])
+        """singd ``DiagonalMatrix`` objects (K blocks, C blocks) viewing ``buffer`` (the same
+        objects at every call for the bank's own buffers)."""
+        own = self._own(buffer)
+        out = self._matrices.get((own, name)) if own is not None else None
+        if out is None:
+            out = ([DiagonalMatrix(k) for k in self.K_view(buffer, name)],
+                   [DiagonalMatrix(c) for c in self.C_view(buffer, name)])
+            if own is not None:
+                self._matrices[(own, name)] = out
+        return out
 
     def loaded_(self) -> None:
         """Refresh derived buffers after ``values`` were overwritten (a loaded state)."""

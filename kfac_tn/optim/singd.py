@@ -418,18 +418,17 @@ class SINGD(StockSINGD):
     # ------------------------------------------------------------ statistics
     def _accumulate_H_terms(self, module: nn.Module, inputs: tuple[Tensor], grad_output: Tensor) -> None:
         """Statistics of one backward pass, in at least float32 whatever K/C are stored in."""
-        name = self.module_names[module]
-        check_layout(name, module, self._layouts[name])
-        loss_average = self._get_param_group_entry(module, "loss_average")
-        kfac_approx = self._get_param_group_entry(module, "kfac_approx")
-        (dtype_K, dtype_C), _ = self._get_preconditioner_dtypes_and_device(module)
+        name = self.module_names[module]  # (its layout was checked when its forward ran)
+        group = self.param_groups[self.param_to_group_idx[module.weight.data_ptr()]]
+        loss_average, kfac_approx = group["loss_average"], group["kfac_approx"]
+        dtype_K, dtype_C = (d if d is not None else module.weight.dtype for d in group["preconditioner_dtype"])
         stat_K, stat_C = torch.promote_types(dtype_K, torch.float32), torch.promote_types(dtype_C, torch.float32)
         a = inputs[0].data.to(stat_K)
         g = grad_output.data.to(stat_C)
         prev_grad_scale = self._get_grad_scale(self.steps - 1)
         # ranks' statistics are averaged: A (and H_K) is an average, but G sums over the
         # batch for a summed loss, so its rank shares enter W times (stock singd sums both)
-        g_share = float(dist.get_world_size()) if is_distributed() and not loss_average else 1.0
+        g_share = float(dist.get_world_size()) if not loss_average and is_distributed() else 1.0
         layer = as_called(module, a, grad_output.shape)  # e.g. a ConvTranspose called with output_size=
         bank = self._bank_of.get(name)
         if bank is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from torch import nn
 
@@ -192,14 +193,23 @@ def layer_conv_dims(layer: nn.Module, input_shape: Sequence[int]) -> tuple[ConvD
     transposed = isinstance(layer, TRANSPOSED_CONV_TYPES)
     spatial = tuple(input_shape[-n:])
     if transposed:
-        return conv_dims(
-            spatial, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-            layer.output_padding, transposed=True,
+        return _cached_conv_dims(
+            spatial, tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation),
+            tuple(layer.output_padding), True,
         )
     if layer.padding_mode != "zeros":
-        padding: int | Sequence[int] = 0
+        padding: int | tuple = 0
     else:
         # torch's own left/right split (also for 'same') in reversed (last-dim-first) order
         rev = layer._reversed_padding_repeated_twice
-        padding = [(rev[2 * (n - 1 - d)], rev[2 * (n - 1 - d) + 1]) for d in range(n)]
-    return conv_dims(spatial, layer.kernel_size, layer.stride, padding, layer.dilation)
+        padding = tuple((rev[2 * (n - 1 - d)], rev[2 * (n - 1 - d) + 1]) for d in range(n))
+    return _cached_conv_dims(spatial, tuple(layer.kernel_size), tuple(layer.stride), padding,
+                             tuple(layer.dilation), 0, False)
+
+
+@lru_cache(maxsize=1024)
+def _cached_conv_dims(spatial: tuple, kernel: tuple, stride: tuple, padding, dilation: tuple, output_padding,
+                      transposed: bool) -> tuple[ConvDim, ...]:
+    """:func:`conv_dims` of hashable arguments, cached (a layer's geometry per input size is
+    asked for at every statistics step; ConvDim is immutable)."""
+    return conv_dims(spatial, kernel, stride, padding, dilation, output_padding, transposed)
