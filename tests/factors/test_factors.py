@@ -21,19 +21,23 @@ def test_input_factor_matches_unfold_reference(case, approx):
     torch.testing.assert_close(ours, ref)
 
 
-@given(conv_layers(), __import__("hypothesis").strategies.sampled_from([5, 30]))
+@given(conv_layers(), __import__("hypothesis").strategies.sampled_from([5, 30]),
+       __import__("hypothesis").strategies.sampled_from(["expand", "reduce"]))
 @settings(max_examples=60, deadline=None)
-def test_accelerator_routes_match_unfold_reference(case, block):
-    """The accelerator routes (windowed-view unfolding, one chunk, unfold + GEMM for KFC),
-    which CI cannot reach on a GPU, against the independent unfold reference."""
+def test_accelerator_routes_match_unfold_reference(case, block, approx):
+    """The accelerator routes (windowed-view unfolding, one chunk, unfold + GEMM for KFC,
+    the averaged unfolded input by one Kronecker-pattern product), which CI cannot reach on
+    a GPU, against the independent unfold reference: whole factor, diagonal blocks, diagonal."""
     layer, x = case
-    ref = reference_input_factor(layer, x, "expand")
+    ref = reference_input_factor(layer, x, approx)
     with kfac_tn.use_routes("accelerator"):
-        ours = kfac_tn.input_factor(layer, x, "expand")
-        blocks = kfac_tn.factors.input_factor_blocks(layer, x, block, "expand")
+        ours = kfac_tn.input_factor(layer, x, approx)
+        blocks = kfac_tn.factors.input_factor_blocks(layer, x, block, approx)
+        diagonal, scale = kfac_tn.factors.input_factor_diagonal_sum(layer, x, approx)
     torch.testing.assert_close(ours, ref)
     for got, want in zip(blocks, _diagonal_blocks(ref, block)):
         torch.testing.assert_close(got, want)
+    torch.testing.assert_close(diagonal * scale, ref.diagonal(dim1=1, dim2=2)[:, : diagonal.shape[1]])
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
