@@ -9,6 +9,11 @@ slices of the input (padding and the zeros of transposed convolutions are never
 materialized in the input, only left as zeros in the buffer), then ``uᵀu`` is one GEMM
 per group. Cheaper than :mod:`shift_gram` when there are few channels (stems) or the
 taps do not overlap (patchify), where the shift Grams would be many thin GEMMs.
+
+Accelerators, 2-d convolutions with symmetric zero padding: torch's own im2col
+(``F.unfold``, one kernel and one host call per batch chunk) gives the rows in the factor's
+``(c, k..)`` order directly (:func:`im2col_chunks`), so neither the tap copies nor the
+final reordering of the Gram are needed.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from itertools import product
 from math import prod
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kfac_tn.runtime.chunking import batch_chunk
-from kfac_tn.runtime.routes import windowed_unfold
+from kfac_tn.runtime.routes import launch_bound, windowed_unfold
 from kfac_tn.runtime.workspace import Workspace
 from kfac_tn.tensor_network.geometry import ConvDim
 
@@ -151,6 +157,9 @@ def unfolded_feature_chunks(
     before the next one.
     """
     dims = tuple(dims)
+    if im2col_applies(x, dims):
+        yield from im2col_chunks(x, dims, groups, chunk_bytes)
+        return
     N, GC = x.shape[:2]
     C = GC // groups
     out_sizes = tuple(d.output_size for d in dims)
@@ -184,6 +193,29 @@ def unfolded_feature_chunks(
         yield u.reshape(groups, C * prod(kernel), n * prod(out_sizes))
 
 
+def im2col_applies(x: Tensor, dims: Sequence[ConvDim]) -> bool:
+    """Whether :func:`im2col_chunks` serves this input: accelerator routes, 2-d, not
+    transposed, zero padding equal on both sides (``F.unfold``'s geometry)."""
+    return (launch_bound(x.device) and len(dims) == 2
+            and not any(d.transposed or d.pad_left != d.pad_right for d in dims))
+
+
+def im2col_chunks(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**25) -> Iterator[Tensor]:
+    """Unfolded input by batch chunks, feature-major ``[G, C·K1·K2, n·O]`` (rows ``(c, k1, k2)``,
+    columns ``(n, o1, o2)``), by ``F.unfold`` and one copy per chunk (see :func:`im2col_applies`)."""
+    N, GC = x.shape[:2]
+    O = prod(d.output_size for d in dims)
+    K = prod(d.kernel_size for d in dims)
+    chunk = batch_chunk(x, O * GC * K * x.element_size(), chunk_bytes)
+    kwargs = dict(kernel_size=tuple(d.kernel_size for d in dims), dilation=tuple(d.dilation for d in dims),
+                  padding=tuple(d.pad_left for d in dims), stride=tuple(d.stride for d in dims))
+    for start in range(0, N, chunk):
+        part = x[start : start + chunk]
+        n = part.shape[0]
+        u = F.unfold(part, **kwargs)  # [n, G·C·K, O], rows (g, c, k1, k2)
+        yield u.view(n, groups, -1, O).permute(1, 2, 0, 3).reshape(groups, -1, n * O)
+
+
 def unfolded_row_chunks(
     x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**25
 ) -> Iterator[Tensor]:
@@ -191,6 +223,10 @@ def unfolded_row_chunks(
 
     Each chunk is a new tensor (never a view of the reused unfolding buffer).
     """
+    if im2col_applies(x, dims):
+        for u in im2col_chunks(x, dims, groups, chunk_bytes):
+            yield u.transpose(1, 2)
+        return
     C = x.shape[1] // groups
     K = prod(d.kernel_size for d in dims)
     for u in unfolded_chunks(x, dims, groups, chunk_bytes):
@@ -202,11 +238,16 @@ def unfolded_row_chunks(
 def unfolded_rows(x: Tensor, dims: Sequence[ConvDim], groups: int = 1) -> Tensor:
     """Whole unfolded input ``[G, N·O, C·K..]``, columns ordered ``(c, k..)``."""
     chunks = list(unfolded_row_chunks(x, dims, groups))
-    return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0].contiguous()
+    return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
 
 
 def unfold_gram_kfc(x: Tensor, dims: Sequence[ConvDim], groups: int = 1, chunk_bytes: int = 2**25) -> Tensor:
     """KFAC-expand input factor ``[G, C·K.., C·K..]`` (rows ``(c, k..)``), scale 1/(N·O)."""
+    if im2col_applies(x, dims):
+        gram = None
+        for u in im2col_chunks(x, dims, groups, chunk_bytes):
+            gram = torch.bmm(u, u.transpose(1, 2)) if gram is None else gram.baddbmm_(u, u.transpose(1, 2))
+        return gram.div_(x.shape[0] * prod(d.output_size for d in dims))
     C = x.shape[1] // groups
     K = prod(d.kernel_size for d in dims)
     gram = x.new_zeros(groups, K * C, K * C)

@@ -27,14 +27,17 @@ def test_input_factor_matches_unfold_reference(case, approx):
 def test_accelerator_routes_match_unfold_reference(case, block, approx):
     """The accelerator routes (windowed-view unfolding, one chunk, unfold + GEMM for KFC,
     the averaged unfolded input by one Kronecker-pattern product), which CI cannot reach on
-    a GPU, against the independent unfold reference: whole factor, diagonal blocks, diagonal."""
+    a GPU, against the independent unfold reference: whole factor, diagonal blocks, diagonal,
+    rows (torch's im2col for 2-d convolutions)."""
     layer, x = case
     ref = reference_input_factor(layer, x, approx)
     with kfac_tn.use_routes("accelerator"):
         ours = kfac_tn.input_factor(layer, x, approx)
         blocks = kfac_tn.factors.input_factor_blocks(layer, x, block, approx)
         diagonal, scale = kfac_tn.factors.input_factor_diagonal_sum(layer, x, approx)
+        rows = kfac_tn.factors.input_rows(layer, x, approx)
     torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(rows.transpose(1, 2) @ rows, ref)
     for got, want in zip(blocks, _diagonal_blocks(ref, block)):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(diagonal * scale, ref.diagonal(dim1=1, dim2=2)[:, : diagonal.shape[1]])
