@@ -313,3 +313,27 @@ def test_depthwise_factors_on_a_cpu_equal_f_unfold(kernel, stride, dilation):
         torch.testing.assert_close(blocks[:, b], expected[:, 4 * b: 4 * b + 4, 4 * b: 4 * b + 4])
     r = d % 4
     torch.testing.assert_close(last[:, :r, :r], expected[:, d - r:, d - r:])
+
+
+def test_im2col_route_in_several_batch_chunks(monkeypatch):
+    """The accelerator's im2col route, one sample per chunk: the Gram, the rows and the
+    feature-major chunks add up to the whole batch's (CI's inputs fit one chunk otherwise)."""
+    from kfac_tn.kernels import unfold_gram
+    from kfac_tn.tensor_network.geometry import layer_conv_dims
+
+    monkeypatch.setattr("kfac_tn.runtime.chunking.ACCELERATOR_CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), groups=2, bias=False).double()
+    x = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+    dims = layer_conv_dims(conv, x.shape)
+    ref = reference_input_factor(conv, x, "expand")
+    with kfac_tn.use_routes("accelerator"):
+        assert unfold_gram.im2col_applies(x, dims)
+        gram = unfold_gram.unfold_gram_kfc(x, dims, groups=2, chunk_bytes=1)
+        rows = unfold_gram.unfolded_rows(x, dims, groups=2)
+        features = list(unfold_gram.unfolded_feature_chunks(x, dims, groups=2, chunk_bytes=1))
+    assert len(features) == 3
+    torch.testing.assert_close(gram, ref)
+    torch.testing.assert_close(rows.transpose(1, 2) @ rows / rows.shape[1], ref)
+    columns = torch.cat(features, dim=2)
+    torch.testing.assert_close(columns @ columns.transpose(1, 2) / columns.shape[2], ref)
