@@ -5,7 +5,8 @@ its block-diagonal structures ``rmatmat`` multiplies by the blocks untransposed,
 kept for parity), batched and without singd's temporaries:
 
 - diagonal K, C: ``diag(c²) ∇ diag(k²)``, two passes (:func:`diagonal_natural_gradient`
-  for a layer of a diagonal bank, all its groups at once);
+  for a layer of a diagonal bank, all its groups at once; :func:`diagonal_natural_gradients_`
+  for many layers by foreach calls);
 - cached projectors ``K Kᵀ`` / ``C Cᵀ`` (dense or block-diagonal): one product per side;
 - the blocks of a grouped layer with dense K, C: four batched products
   (:func:`stacked_natural_gradient`).
@@ -71,6 +72,20 @@ def stacked_natural_gradient(grads: list[Tensor], Ks: list[DenseMatrix], Cs: lis
     nat = nat.to(dtype_C) if dtype_C is not None else nat
     nat = torch.bmm(C, torch.bmm(C.transpose(1, 2), nat))
     return list(nat.to(grads[0].dtype).unbind(0))
+
+
+def diagonal_natural_gradients_(outs: list[Tensor], grads: list[Tensor], k2s: list[Tensor], c2s: list[Tensor],
+                                 grad_scale: float = 1.0) -> None:
+    """``outs[i] = grads[i] ⊙ k2s[i] ⊙ c2s[i] / grad_scale`` (broadcasting) for all ``i`` at once:
+    three or four foreach calls instead of two products per tensor from Python. For layers
+    with diagonal K, C: ``grads[i]`` a weight gradient viewed ``[G, d_C, d_w]`` with ``k2s[i]``
+    ``[G, 1, d_w]`` and ``c2s[i]`` ``[G, d_C, 1]``, or a bias gradient ``[G, d_C]`` with
+    ``[G, 1]`` and ``[G, d_C]``."""
+    torch._foreach_copy_(outs, grads)
+    torch._foreach_mul_(outs, k2s)
+    torch._foreach_mul_(outs, c2s)
+    if grad_scale != 1.0:
+        torch._foreach_div_(outs, grad_scale)
 
 
 def diagonal_natural_gradient(module: nn.Module, k2: Tensor, c2: Tensor, group_average: bool,

@@ -51,7 +51,7 @@ from kfac_tn.factors import (
     input_factor_blocks,
     input_factor_diagonal_sum,
 )
-from kfac_tn.factors.layers import as_called
+from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES, as_called
 from kfac_tn.factors.subsampled import sample_count
 from kfac_tn.optim.block_bank import BlockBank
 from kfac_tn.optim.deferred import DeferredFlags
@@ -84,6 +84,7 @@ from kfac_tn.optim.matrix_tensors import (
 from kfac_tn.optim.natural_gradient import (
     block_natural_gradient,
     diagonal_natural_gradient,
+    diagonal_natural_gradients_,
     stacked_natural_gradient,
 )
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
@@ -259,6 +260,7 @@ class SINGD(StockSINGD):
         self._in_flight: list = []
         self._banks: list[tuple[int, DiagonalBank | BlockBank]] = []  # (param group index, bank)
         self._bank_of: dict[str, DiagonalBank | BlockBank] = {}
+        self._diagonal_views: dict[str, tuple[Tensor, ...]] = {}  # per diagonal-bank layer: views of K², C²
         self._deferred = DeferredFlags()
         try:
             super().__init__(
@@ -629,7 +631,9 @@ class SINGD(StockSINGD):
             if self._owner_of is not None:  # sharded: the owners' natural gradients of the whole batch
                 all_pairs = self._sharded_natural_gradients(modules, group["loss_average"] is not None)
             else:
-                all_pairs = [self._natural_gradient_pairs(module, name) for module, name in modules]
+                banked = self._bank_natural_gradients(modules)
+                all_pairs = [banked[name] if name in banked else self._natural_gradient_pairs(module, name)
+                             for module, name in modules]
             for pairs in all_pairs:
                 for p, nat in pairs:
                     if id(p) in self._own_params:  # a bias not given to the optimizer stays put
@@ -834,6 +838,40 @@ class SINGD(StockSINGD):
 
             self._deferred.post(skipped, report)
         bank.clear_statistics()
+
+    def _bank_natural_gradients(self, modules: list[tuple[nn.Module, str]]) -> dict[str, list]:
+        """``{name: (parameter, C² ⊙ ∇ ⊙ K²) pairs}`` of the diagonal-bank layers among ``modules``
+        (not transposed, gradients in the bank's dtype) by three foreach calls for all of them
+        (:func:`diagonal_natural_gradients_`), into the natural-gradient workspace; the other
+        layers are left to :meth:`_natural_gradient_pairs`."""
+        grads, k2s, c2s, outs, pairs_of = [], [], [], [], {}
+        results = self._natural_gradient_workspace
+        for module, name in modules:
+            bank = self._bank_of.get(name)
+            if (not isinstance(bank, DiagonalBank) or isinstance(module, TRANSPOSED_CONV_TYPES)
+                    or module.weight.grad.dtype != bank.squares.dtype):
+                continue
+            views = self._diagonal_views.get(name)
+            if views is None:
+                k2, c2 = bank.K_view(bank.squares, name), bank.C_view(bank.squares, name)  # [G, d_K], [G, d_C]
+                d_w = module.weight.numel() // c2.numel()
+                views = self._diagonal_views[name] = (k2[:, None, :d_w], c2.unsqueeze(2), k2[:, d_w:], c2)
+            k2_w, c2_w, k2_b, c2_b = views
+            pairs = []
+            for p, k2_p, c2_p in ((module.weight, k2_w, c2_w), (module.bias, k2_b, c2_b)):
+                if p is None or p.grad is None:
+                    continue
+                g = p.grad.reshape(c2_p.shape[0], c2_p.shape[1], -1) if p is module.weight else p.grad.view(c2_p.shape)
+                out = results.take(tuple(g.shape), g)
+                grads.append(g)
+                k2s.append(k2_p)
+                c2s.append(c2_p)
+                outs.append(out)
+                pairs.append((p, out.view(p.shape)))
+            pairs_of[name] = pairs
+        if outs:
+            diagonal_natural_gradients_(outs, grads, k2s, c2s, self._gradient_scale())
+        return pairs_of
 
     def _bank_natural_gradient(self, module: nn.Module, name: str) -> list[tuple[nn.Parameter, Tensor]]:
         """``(parameter, C² ⊙ ∇ ⊙ K²)`` pairs of one banked layer (diagonal K, C)."""
