@@ -179,3 +179,24 @@ def test_diagonal_natural_gradient_scales_each_block(layer):
     assert [p for p, _ in out] == [p for p in (layer.weight, layer.bias) if p is not None]
     for (_, ours), theirs in zip(out, expected):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_diagonal_natural_gradients_of_many_layers_at_once():
+    """The foreach form: ``diag(c_b²) ∇_b diag(k_b²) / s`` per group of each layer (weights
+    ``[G, d_C, d_w]`` with ``[G, 1, d_w]``, ``[G, d_C, 1]``; biases ``[G, d_C]`` with ``[G, 1]``)."""
+    from kfac_tn.optim.natural_gradient import diagonal_natural_gradients_
+
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(2, 3, 4), (1, 5, 2)]
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] + [
+        torch.randn(2, 3, generator=gen, dtype=torch.float64)]
+    k2 = [torch.rand(G, d_w + 1, generator=gen, dtype=torch.float64) for G, _, d_w in shapes]
+    c2 = [torch.rand(G, d_C, generator=gen, dtype=torch.float64) for G, d_C, _ in shapes]
+    k2s = [k2[0][:, None, :4], k2[1][:, None, :2], k2[0][:, 4:]]
+    c2s = [c2[0].unsqueeze(2), c2[1].unsqueeze(2), c2[0]]
+    outs = [torch.empty_like(g) for g in grads]
+    diagonal_natural_gradients_(outs, grads, k2s, c2s, grad_scale=4.0)
+    for b in range(2):
+        torch.testing.assert_close(outs[0][b], torch.diag(c2[0][b]) @ grads[0][b] @ torch.diag(k2[0][b, :4]) / 4)
+        torch.testing.assert_close(outs[2][b], c2[0][b] * grads[2][b] * k2[0][b, 4] / 4)
+    torch.testing.assert_close(outs[1][0], torch.diag(c2[1][0]) @ grads[1][0] @ torch.diag(k2[1][0, :2]) / 4)
