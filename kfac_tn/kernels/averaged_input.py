@@ -24,14 +24,16 @@ import torch
 from torch import Tensor
 
 from kfac_tn.runtime.routes import launch_bound
-from kfac_tn.tensor_network.contraction import CACHE_SIZE, pattern_tensor
+from kfac_tn.tensor_network.contraction import pattern_tensor
 from kfac_tn.tensor_network.geometry import ConvDim
 
-#: largest Kronecker pattern (entries) of the one-product accelerator route (4 MiB in float32)
-KRON_ENTRIES = 2**20
+#: largest Kronecker pattern (entries) of the one-product accelerator route (1 MiB in float32)
+KRON_ENTRIES = 2**18
+#: Kronecker patterns kept (at most KRON_CACHE_SIZE · KRON_ENTRIES entries on a device)
+KRON_CACHE_SIZE = 64
 
 
-@lru_cache(maxsize=CACHE_SIZE)
+@lru_cache(maxsize=KRON_CACHE_SIZE)
 def kron_pattern(dims: tuple[ConvDim, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """``(Π̄_1 ⊗ … ⊗ Π̄_N)ᵀ`` ``[I1·…·IN, K1·…·KN]``, contiguous (cached)."""
     pattern = pattern_tensor(dims[0], True, dtype, device)

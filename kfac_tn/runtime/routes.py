@@ -13,7 +13,7 @@ differ, kfac_tn asks :func:`launch_bound`:
 | unfolding (:func:`windowed_unfold`) | per tap, except few channels per group with >= 25 taps (depthwise 5×5, 7×7: one windowed view, 3-4× faster there) | one copy from a windowed view |
 | symmetric products ``KᵀK``, ``S Sᵀ`` (``structured_products``) | lower block triangle, recursing to ~256 rows (~56% of a GEMM's time) | one GEMM |
 | unfolded input of 2-d convolutions with symmetric zero padding (:mod:`unfold_gram`) | tap copies or one windowed view, as above | torch's im2col (``F.unfold``): one call per batch chunk, rows already in the factor's order |
-| averaged unfolded input ū (:mod:`averaged_input`, KFAC-reduce and diagonals) | one product (or strided sum) per spatial dimension | one product with the Kronecker pattern ``Π̄_1 ⊗ … ⊗ Π̄_N`` (up to 2²⁰ entries) |
+| averaged unfolded input ū (:mod:`averaged_input`, KFAC-reduce and diagonals) | one product (or strided sum) per spatial dimension | one product with the Kronecker pattern ``Π̄_1 ⊗ … ⊗ Π̄_N`` (up to 2¹⁸ entries, 64 cached) |
 
 :func:`use_routes` overrides the choice, e.g. to count the accelerator route's kernel
 launches on a CPU (``experiments/launch_proxy.py``) or to test both routes anywhere.
