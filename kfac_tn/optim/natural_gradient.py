@@ -24,6 +24,7 @@ from kfac_tn.factors.layers import TRANSPOSED_CONV_TYPES
 from kfac_tn.optim.matrix_tensors import stored_diagonal
 from kfac_tn.optim.structured_products import left_multiply, right_multiply, rmatmat_transposes
 from kfac_tn.optim.weight_blocks import from_matrix_blocks, gradient_blocks
+from kfac_tn.runtime.routes import launch_bound
 from kfac_tn.runtime.workspace import Workspace
 
 
@@ -37,8 +38,11 @@ def block_natural_gradient(
     ``KKT``/``CCT``: cached projectors (a symmetric ``d × d`` tensor for dense K, C, a
     matrix of the same structure for block-diagonal ones), or None to multiply by K, C
     twice. The products run in ``dtype_K`` then ``dtype_C`` (None: ``grad``'s).
-    Intermediates go to ``workspace``, the result to ``results`` (both optional).
+    Intermediates go to ``workspace`` (not on accelerator routes, whose caching allocator
+    is cheaper than its bookkeeping), the result to ``results`` (both optional).
     """
+    if workspace is not None and launch_bound(grad.device):
+        workspace = None
     g = grad.to(dtype_K) if dtype_K is not None else grad
     if isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix):
         k2, c2 = stored_diagonal(K).square(), stored_diagonal(C).square()
