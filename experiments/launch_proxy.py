@@ -5,7 +5,8 @@
 On a GPU a step of a small or medium CNN is bound by kernel launches and by host-device
 synchronisations, not by FLOPs. Both can be counted without a GPU: every ATen operator
 dispatched during the forward pass, backward pass and ``step()`` is one kernel launch
-(view and metadata-only ops excluded, they launch nothing), and every
+(view and metadata-only ops excluded, they launch nothing; a ``_foreach_*`` op is one
+launch where CUDA takes its fast path, else one per tensor), and every
 ``aten::_local_scalar_dense`` is a device-to-host copy that drains the GPU queue
 (``.item()``, ``float(tensor)``, ``bool(tensor)``, a tensor in an ``if``).
 
@@ -65,6 +66,20 @@ _FREE = {
 }
 
 
+def _foreach_launches(args: tuple) -> int:
+    """Launches of a ``torch._foreach_*`` op on CUDA: one (its fast path) when the tensors
+    of its lists match in shape, stride and dtype position by position, else one per
+    tensor (CUDA falls back to a loop of single-tensor kernels, e.g. for broadcasting)."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    if not lists:
+        return 1
+    for tensors in zip(*lists):
+        first = tensors[0]
+        if any(t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype for t in tensors):
+            return len(lists[0])
+    return 1
+
+
 class LaunchCounter(TorchDispatchMode):
     """Counts dispatched compute ops (kernel launches) and ``_local_scalar_dense`` (syncs)."""
 
@@ -78,7 +93,7 @@ class LaunchCounter(TorchDispatchMode):
         if name == "_local_scalar_dense":
             self.syncs += 1
         elif name not in _FREE:
-            self.ops[name] += 1
+            self.ops[name] += _foreach_launches(args) if name.startswith("_foreach_") else 1
         return func(*args, **(kwargs or {}))
 
     @property
