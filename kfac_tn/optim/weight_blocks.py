@@ -40,7 +40,7 @@ def matrix_blocks(module: nn.Module, weight: Tensor, bias: Tensor | None, group_
 
 
 def from_matrix_blocks(module: nn.Module, blocks: list[Tensor], has_bias: bool) -> tuple[Tensor, ...]:
-    """Inverse of :func:`matrix_blocks`: ``(weight,)`` or ``(weight, bias)``."""
+    """Inverse of :func:`matrix_blocks`: ``(weight,)`` or ``(weight, bias)``, contiguous."""
     G = getattr(module, "groups", 1)
     if len(blocks) == 1 and G > 1:
         blocks = list(blocks[0].chunk(G, 0))
@@ -55,7 +55,9 @@ def from_matrix_blocks(module: nn.Module, blocks: list[Tensor], has_bias: bool) 
         w = torch.cat([b.reshape(shape).transpose(0, 1) for b in blocks], dim=0)
     else:
         w = torch.cat(blocks, dim=0) if len(blocks) > 1 else blocks[0]
-    w = w.reshape(weight.shape)
+    # contiguous like the parameter: a strided slice (a Linear's weight next to its bias
+    # column) would send every foreach update of the group off CUDA's fast path
+    w = w.reshape(weight.shape).contiguous()
     return (w, torch.cat(biases)) if has_bias else (w,)
 
 

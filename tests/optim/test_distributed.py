@@ -81,13 +81,18 @@ def _train(model, opt, X, y, name=""):
     return flat_parameters(model)
 
 
-def _worker(rank, name, init_file, out_dir):
+def _join(rank, init_file):
+    """Join the gloo group; this rank's half of the batch and a fresh model."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    X, y = _data()
+    shard = slice(rank * 4, (rank + 1) * 4)
+    return X[shard], y[shard], _model()
+
+
+def _worker(rank, name, init_file, out_dir):
+    X, y, model = _join(rank, init_file)
     try:
-        torch.set_num_threads(1)
-        X, y = _data()
-        shard = slice(rank * 4, (rank + 1) * 4)
-        model = _model()
         reduced = []
         if name.startswith("ddp"):  # DDP averages the gradients; the optimizer sends statistics only
             ddp = nn.parallel.DistributedDataParallel(model)
@@ -95,7 +100,7 @@ def _worker(rank, name, init_file, out_dir):
             real = dist.all_reduce
             dist.all_reduce = lambda t, *a, **k: (reduced.append(t.numel()), real(t, *a, **k))[1]
             try:
-                params = _train(ddp, opt, X[shard], y[shard], name)
+                params = _train(ddp, opt, X, y, name)
             finally:
                 dist.all_reduce = real
             if "kfac" in name and "shard" not in name:  # (sharded: factors are reduced to owners)
@@ -103,7 +108,7 @@ def _worker(rank, name, init_file, out_dir):
                 assert sum(reduced) == STEPS * factors, (sum(reduced), factors)
         else:
             opt = _optimizer(name, model)
-            params = _train(model, opt, X[shard], y[shard], name)
+            params = _train(model, opt, X, y, name)
         if name == "singd_greedy":  # two groups of one rank each own layers: the work was spread
             assert set(opt._update_owners(2).values()) == {0, 1}
         if "shard" in name:  # this rank's layers, and the whole state gathered from both ranks
@@ -197,20 +202,16 @@ def _check_shards(shards, name, single_opt):
 
 def _nan_worker(rank, name, init_file, out_dir):
     """STEPS steps; at the second, rank 1's batch holds a NaN input."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    X, y, model = _join(rank, init_file)
     try:
-        torch.set_num_threads(1)
-        X, y = _data()
-        shard = slice(rank * 4, (rank + 1) * 4)
-        model = _model()
         opt = _optimizer(name, model)
         trajectory = []
         for step in range(STEPS):
-            X_step = X[shard].clone()
+            X_step = X.clone()
             if step == 1 and rank == 1:
                 X_step[0, 0, 0, 0] = float("nan")
             opt.zero_grad()
-            nn.functional.cross_entropy(model(X_step), y[shard]).backward()
+            nn.functional.cross_entropy(model(X_step), y).backward()
             with pytest.warns(UserWarning) if step == 1 else contextlib.nullcontext():
                 opt.step()
                 if hasattr(opt, "_deferred"):
