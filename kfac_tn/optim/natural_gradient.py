@@ -92,6 +92,26 @@ def diagonal_natural_gradients_(outs: list[Tensor], grads: list[Tensor], k2s: li
         torch._foreach_div_(outs, grad_scale)
 
 
+def diagonal_views(module: nn.Module, k2: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(k2_w [G, 1, d_w], c2_w [G, d_C, 1], k2_b [G, 1], c2_b [G, d_C])``: views of the squared
+    diagonals ``k2 [G, d_K]``, ``c2 [G, d_C]`` of a (not transposed) layer that broadcast against
+    its weight gradient viewed ``[G, d_C, d_w]`` and its bias gradient viewed ``[G, d_C]``."""
+    d_w = module.weight.numel() // c2.numel()
+    return k2[:, None, :d_w], c2.unsqueeze(2), k2[:, d_w:], c2
+
+
+def diagonal_operands(module: nn.Module, views: tuple[Tensor, ...]) -> list[tuple[nn.Parameter, Tensor, Tensor, Tensor]]:
+    """``(parameter, gradient view, k2 view, c2 view)`` of the layer's parameters that have
+    gradients, for :func:`diagonal_natural_gradients_` (``views`` from :func:`diagonal_views`)."""
+    k2_w, c2_w, k2_b, c2_b = views
+    out = []
+    for p, k2_p, c2_p in ((module.weight, k2_w, c2_w), (module.bias, k2_b, c2_b)):
+        if p is not None and p.grad is not None:
+            g = p.grad.reshape(c2_p.shape[0], c2_p.shape[1], -1) if p is module.weight else p.grad.view(c2_p.shape)
+            out.append((p, g, k2_p, c2_p))
+    return out
+
+
 def diagonal_natural_gradient(module: nn.Module, k2: Tensor, c2: Tensor, group_average: bool,
                               results: Workspace | None = None) -> list[tuple[nn.Parameter, Tensor]]:
     """``(parameter, natural gradient)`` of a layer with diagonal K, C given their squared
@@ -99,18 +119,16 @@ def diagonal_natural_gradient(module: nn.Module, k2: Tensor, c2: Tensor, group_a
     gradients in place of the ``[d_C, d_K]`` blocks (no block copies unless transposed),
     in the promoted dtype of the gradients and the squares."""
     weight, bias = module.weight, module.bias
-    G, d_C = c2.shape
     if isinstance(module, TRANSPOSED_CONV_TYPES):  # blocks are not rows of weight.flatten(1)
         blocks = [g * k2[b] * c2[b].unsqueeze(1) for b, g in enumerate(gradient_blocks(module, group_average))]
         nats = from_matrix_blocks(module, blocks, bias is not None)
         return [(p, n) for p, n in zip((weight, bias), nats) if p is not None and p.grad is not None]
-    w = weight.grad.reshape(G, d_C, -1)
-    dtype = torch.promote_types(w.dtype, k2.dtype)
-    k2_w = k2[:, None, : w.shape[2]]
-    nat = torch.mul(w, k2_w, out=results.take(w.shape, w, dtype) if results is not None else None)
-    out = [(weight, nat.mul_(c2.unsqueeze(2)).view(weight.shape))]
-    if bias is not None and bias.grad is not None:
-        b = bias.grad.view(G, d_C)
-        nat_b = torch.mul(b, c2, out=results.take(b.shape, b, dtype) if results is not None else None)
-        out.append((bias, nat_b.mul_(k2[:, w.shape[2]:]).view(bias.shape)))
-    return out
+    operands = diagonal_operands(module, diagonal_views(module, k2, c2))
+    outs = [_result(g.shape, g, torch.promote_types(g.dtype, k2.dtype), results) for _, g, _, _ in operands]
+    diagonal_natural_gradients_(outs, [g for _, g, _, _ in operands], [k for _, _, k, _ in operands],
+                                [c for *_, c in operands])
+    return [(p, out.view(p.shape)) for (p, *_), out in zip(operands, outs)]
+
+
+def _result(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype, results: Workspace | None) -> Tensor:
+    return like.new_empty(shape, dtype=dtype) if results is None else results.take(tuple(shape), like, dtype)

@@ -85,6 +85,8 @@ from kfac_tn.optim.natural_gradient import (
     block_natural_gradient,
     diagonal_natural_gradient,
     diagonal_natural_gradients_,
+    diagonal_operands,
+    diagonal_views,
     stacked_natural_gradient,
 )
 from kfac_tn.optim.parameter_update import apply_updates_, gradients_finite, momentum_buffers
@@ -423,7 +425,7 @@ class SINGD(StockSINGD):
         name = self.module_names[module]  # (its layout was checked when its forward ran)
         group = self.param_groups[self.param_to_group_idx[module.weight.data_ptr()]]
         loss_average, kfac_approx = group["loss_average"], group["kfac_approx"]
-        dtype_K, dtype_C = (d if d is not None else module.weight.dtype for d in group["preconditioner_dtype"])
+        (dtype_K, dtype_C), _ = self._get_preconditioner_dtypes_and_device(module)
         stat_K, stat_C = torch.promote_types(dtype_K, torch.float32), torch.promote_types(dtype_C, torch.float32)
         a = inputs[0].data.to(stat_K)
         g = grad_output.data.to(stat_C)
@@ -841,40 +843,34 @@ class SINGD(StockSINGD):
 
     def _bank_natural_gradients(self, modules: list[tuple[nn.Module, str]]) -> dict[str, list]:
         """``{name: (parameter, C² ⊙ ∇ ⊙ K²) pairs}`` of the diagonal-bank layers among ``modules``
-        (not transposed, gradients in the bank's dtype) by three foreach calls for all of them
+        (not transposed) by three foreach calls for all of them
         (:func:`diagonal_natural_gradients_`), into the natural-gradient workspace; the other
         layers are left to :meth:`_natural_gradient_pairs`."""
-        grads, k2s, c2s, outs, pairs_of = [], [], [], [], {}
+        operands, outs, pairs_of = [], [], {}
         results = self._natural_gradient_workspace
         for module, name in modules:
             bank = self._bank_of.get(name)
-            if (not isinstance(bank, DiagonalBank) or isinstance(module, TRANSPOSED_CONV_TYPES)
-                    or module.weight.grad.dtype != bank.squares.dtype):
+            if not isinstance(bank, DiagonalBank) or isinstance(module, TRANSPOSED_CONV_TYPES):
                 continue
             views = self._diagonal_views.get(name)
-            if views is None:
-                k2, c2 = bank.K_view(bank.squares, name), bank.C_view(bank.squares, name)  # [G, d_K], [G, d_C]
-                d_w = module.weight.numel() // c2.numel()
-                views = self._diagonal_views[name] = (k2[:, None, :d_w], c2.unsqueeze(2), k2[:, d_w:], c2)
-            k2_w, c2_w, k2_b, c2_b = views
-            pairs = []
-            for p, k2_p, c2_p in ((module.weight, k2_w, c2_w), (module.bias, k2_b, c2_b)):
-                if p is None or p.grad is None:
-                    continue
-                g = p.grad.reshape(c2_p.shape[0], c2_p.shape[1], -1) if p is module.weight else p.grad.view(c2_p.shape)
-                out = results.take(tuple(g.shape), g)
-                grads.append(g)
-                k2s.append(k2_p)
-                c2s.append(c2_p)
+            if views is None:  # [G, d_K], [G, d_C] views of the persistent K², C² (cached)
+                views = self._diagonal_views[name] = diagonal_views(
+                    module, bank.K_view(bank.squares, name), bank.C_view(bank.squares, name))
+            pairs = pairs_of[name] = []
+            for p, g, k2_p, c2_p in diagonal_operands(module, views):
+                out = results.take(tuple(g.shape), g, torch.promote_types(g.dtype, k2_p.dtype))
+                operands.append((g, k2_p, c2_p))
                 outs.append(out)
                 pairs.append((p, out.view(p.shape)))
-            pairs_of[name] = pairs
         if outs:
+            grads, k2s, c2s = (list(column) for column in zip(*operands))
             diagonal_natural_gradients_(outs, grads, k2s, c2s, self._gradient_scale())
-        return pairs_of
+        return {name: [(p, n.to(p.dtype)) for p, n in pairs] for name, pairs in pairs_of.items()}
 
     def _bank_natural_gradient(self, module: nn.Module, name: str) -> list[tuple[nn.Parameter, Tensor]]:
-        """``(parameter, C² ⊙ ∇ ⊙ K²)`` pairs of one banked layer (diagonal K, C)."""
+        """``(parameter, C² ⊙ ∇ ⊙ K²)`` pairs of one banked layer (diagonal K, C) on its own: the
+        transposed convolutions, whose blocks are not rows of the weight (the other layers of a
+        diagonal bank go through :meth:`_bank_natural_gradients`)."""
         bank = self._bank_of[name]
         k2, c2 = bank.K_view(bank.squares, name), bank.C_view(bank.squares, name)  # [G, d_K], [G, d_C]
         grad_scale = self._gradient_scale()
