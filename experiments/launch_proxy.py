@@ -101,6 +101,11 @@ class LaunchCounter(TorchDispatchMode):
         return sum(self.ops.values())
 
 
+def _optimizer_kwargs(optimizer: str, hyper: dict) -> dict:
+    """lr 0.01 and momentum 0.9 for every optimizer, plus the configuration's (not for SGD)."""
+    return {"lr": 0.01, "momentum": 0.9, **(hyper if optimizer != "sgd" else {})}
+
+
 def count(model_name: str, optimizer: str, hyper: dict, batch_size: int, seed: int = 0) -> dict:
     """Ops and syncs per step of one configuration, averaged over one T period, with
     kfac_tn on its accelerator routes (``kfac_tn.use_routes("accelerator")``)."""
@@ -113,10 +118,7 @@ def _count(model_name: str, optimizer: str, hyper: dict, batch_size: int, seed: 
     model = build_model(model_name)
     X = torch.randn(batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (batch_size,))
-    kwargs = {"lr": 0.01, "momentum": 0.9, **hyper}
-    if optimizer == "sgd":
-        kwargs = {"lr": 0.01, "momentum": 0.9}
-    opt = build_optimizer(model, optimizer, foreach=True, **kwargs)  # torch.optim's default on a GPU
+    opt = build_optimizer(model, optimizer, foreach=True, **_optimizer_kwargs(optimizer, hyper))  # foreach: torch.optim's default on a GPU
     period = hyper.get("T", 1)
 
     def step() -> None:
@@ -152,8 +154,7 @@ def host_ms(model_name: str, optimizer: str, hyper: dict, width: int, periods: i
             torch.manual_seed(seed)
             model = MODELS[model_name](width=width)
             X, y = torch.randn(1, 3, 32, 32), torch.randint(0, 10, (1,))
-            kwargs = {"lr": 0.01, "momentum": 0.9, **hyper} if optimizer != "sgd" else {"lr": 0.01, "momentum": 0.9}
-            opt = build_optimizer(model, optimizer, foreach=True, **kwargs)
+            opt = build_optimizer(model, optimizer, foreach=True, **_optimizer_kwargs(optimizer, hyper))
             times = []
             for _ in range(periods + 2):
                 start = time.perf_counter()

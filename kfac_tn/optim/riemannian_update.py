@@ -238,7 +238,7 @@ def _dense_step_(M, H, m_old, scalars: StepScalars, normalize: bool, workspace):
     if launch_bound(mat.device):  # one GEMM, into the d × d product that is dead by now
         mat.addcmul_(torch.mm(mat, buf, out=inner), neg_beta)
     else:  # blocks of rows: a small reused temporary
-        right_multiply_update_(mat, buf, -neg_beta, workspace=workspace)
+        right_multiply_update_(mat, buf, neg_beta, workspace=workspace)
     return new_m
 
 

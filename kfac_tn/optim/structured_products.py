@@ -61,23 +61,22 @@ def symmetric_addmm_(target: Tensor, left: Tensor, right: Tensor, alpha: float, 
 
 
 def right_multiply_update_(
-    M: Tensor, update: Tensor, beta: float | Tensor, rows: int = 1024, workspace: Workspace | None = None
+    M: Tensor, update: Tensor, alpha: float | Tensor, rows: int = 1024, workspace: Workspace | None = None
 ) -> Tensor:
-    """``M ← M − beta · M @ update`` in place, a block of rows at a time.
+    """``M ← M + alpha · M @ update`` in place, a block of rows at a time.
 
-    One ``rows × d`` temporary (from ``workspace`` if given) serves every block. ``beta``
+    One ``rows × d`` temporary (from ``workspace`` if given) serves every block. ``alpha``
     may be a 0-d tensor on M's device (no host sync).
     """
     rows = min(rows, M.shape[0])
     temp = _scratch((rows, update.shape[1]), M, workspace)
-    minus_beta = -beta if isinstance(beta, Tensor) else None
     for start in range(0, M.shape[0], rows):
         block = M[start : start + rows]
         product = torch.mm(block, update, out=temp[: block.shape[0]])
-        if minus_beta is None:
-            block.sub_(product, alpha=beta)
+        if isinstance(alpha, Tensor):
+            block.addcmul_(product, alpha)
         else:
-            block.addcmul_(product, minus_beta)
+            block.add_(product, alpha=alpha)
     return M
 
 
