@@ -9,10 +9,17 @@
   seed), the target the clean digit ``[3, S, S]``; for ``unet_small``.
 - ``cifar10`` / ``cifar100``: the official "python version" folders (``data_batch_1``…
   ``data_batch_5`` and ``test_batch``; or ``train`` and ``test``), read with pickle.
+- ``fashion_mnist``: Zalando's Fashion-MNIST (28×28 grey images in [0, 1], ``[N, 1, 28,
+  28]``, 10 classes) from its idx files (``train-images-idx3-ubyte[.gz]`` …), by default
+  from Debian's ``dataset-fashion-mnist`` (:data:`FASHION_MNIST_DIR`). Its training set
+  is split once (a fixed permutation, independent of the run's seed) into 50,000 training
+  and 10,000 validation images (DeepOBS's sizes); ``split="valid"`` evaluates on those.
+- ``fashion_mnist_images``: the same images as targets (for the ``fmnist_vae``).
 """
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from pathlib import Path
 
@@ -20,10 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-DATASETS = ("synthetic", "digits", "digits_denoise", "cifar10", "cifar100")
+DATASETS = ("synthetic", "digits", "digits_denoise", "cifar10", "cifar100", "fashion_mnist", "fashion_mnist_images")
 #: data sets whose targets are images (per-pixel regression), not class labels
 DENSE_DATASETS = ("digits_denoise",)
+#: data sets whose targets are their inputs (auto-encoders)
+RECONSTRUCTION_DATASETS = ("fashion_mnist_images",)
+SPLITS = ("test", "valid")
 NOISE_STD = 0.5
+#: where Debian's dataset-fashion-mnist package puts the idx files
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_VALID = 10_000
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+#: idx type codes (the third byte of the magic number) this reader takes
+_IDX_DTYPES = {0x08: torch.uint8}
 
 
 class DataError(ValueError):
@@ -106,6 +125,60 @@ def _cifar(root: str | None, name: str):
     return norm["train"], norm["test"], classes
 
 
+def read_idx(path: Path) -> torch.Tensor:
+    """The array in an idx file (``.gz`` or not): ``[N]`` labels or ``[N, H, W]`` images, uint8."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"idx file {path} cannot be read: {err}") from err
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(f"idx file {path} has no unsigned-byte idx header (magic 0x0000 08 ..).")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise DataError(f"idx file {path} is truncated in its header.")
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    count = 1
+    for n in shape:
+        count *= n
+    if len(data) - header != count:
+        raise DataError(f"idx file {path}: its header says {shape} ({count} bytes) but {len(data) - header} follow.")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(
+        f"Fashion-MNIST file {stem}[.gz] is missing in {folder}. Install Debian's package "
+        f"(apt-get install dataset-fashion-mnist, files in {FASHION_MNIST_DIR}) or set data.data_dir "
+        "to a folder with the four idx files.")
+
+
+def _fashion_mnist(root: str | None, split: str):
+    folder = Path(root if root is not None else FASHION_MNIST_DIR)
+    if not folder.is_dir():
+        raise DataError(
+            f"Fashion-MNIST folder {folder} does not exist. Install Debian's package "
+            f"(apt-get install dataset-fashion-mnist, files in {FASHION_MNIST_DIR}) or set data.data_dir.")
+    parts = {}
+    for part, (images, labels) in FASHION_MNIST_FILES.items():
+        X, y = read_idx(_idx_file(folder, images)), read_idx(_idx_file(folder, labels))
+        if X.dim() != 3 or y.dim() != 1 or len(X) != len(y):
+            raise DataError(f"Fashion-MNIST {part} files in {folder}: images {tuple(X.shape)} and labels "
+                            f"{tuple(y.shape)} do not match ([N, H, W] and [N]).")
+        parts[part] = (X.unsqueeze(1).float().div_(255.0), y.long())
+    X, y = parts["train"]
+    n_valid = min(FASHION_MNIST_VALID, len(y) // 6)  # a sixth of a small training set (tests' files)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # one split for every run
+    valid, train = perm[:n_valid], perm[n_valid:]
+    held_out = (X[valid], y[valid]) if split == "valid" else parts["test"]
+    return (X[train], y[train]), held_out, 10
+
+
 def load_data(
     name: str,
     data_dir: str | None = None,
@@ -114,9 +187,16 @@ def load_data(
     n_train: int = 512,
     n_test: int = 128,
     seed: int = 0,
+    split: str = "test",
 ) -> tuple[TensorDataset, TensorDataset, int]:
-    """Train and test sets and the number of classes (for ``DENSE_DATASETS``: of output
-    channels per pixel)."""
+    """Train and held-out sets and the number of classes (for ``DENSE_DATASETS``: of output
+    channels per pixel; for ``RECONSTRUCTION_DATASETS``: of input channels, the targets
+    being the inputs). ``split``: the held-out set, ``"test"`` or (``fashion_mnist*``) the
+    ``"valid"`` images carved from the training set."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}.")
+    if split == "valid" and not name.startswith("fashion_mnist"):
+        raise DataError(f"Data set {name!r} has no validation split; only fashion_mnist* have one.")
     if name == "synthetic":
         train, test, classes = _synthetic(n_train, n_test, num_classes, image_size, seed)
     elif name == "digits":
@@ -125,6 +205,11 @@ def load_data(
         train, test, classes = _digits_denoise(image_size, seed)
     elif name in ("cifar10", "cifar100"):
         train, test, classes = _cifar(data_dir, name)
+    elif name == "fashion_mnist":
+        train, test, classes = _fashion_mnist(data_dir, split)
+    elif name == "fashion_mnist_images":
+        (X, _), (X_test, _), _ = _fashion_mnist(data_dir, split)
+        train, test, classes = (X, X), (X_test, X_test), 1
     else:
         raise DataError(f"Unknown data set {name!r}; available: {DATASETS}.")
     return TensorDataset(*train), TensorDataset(*test), classes

@@ -1,9 +1,11 @@
 """Model registry: CIFAR-style ResNet18 and VGG19 (with BatchNorm), small ConvNeXt- and
-MobileNetV2-style networks, a small U-Net for dense prediction, and small test models.
+MobileNetV2-style networks, a small U-Net for dense prediction, DeepOBS's two
+Fashion-MNIST problems (``fmnist_2c2d``, ``fmnist_vae``), and small test models.
 
 Classifiers map ``[B, in_channels, H, W]`` to ``[B, num_classes]``; dense-prediction
 models (``dense_prediction = True``) map it to ``[B, num_classes, H, W]`` (one value per
-output channel and pixel)."""
+output channel and pixel); the VAE (``variational = True``) maps images to
+``(reconstructions, mean, log_std)``, see :func:`vae_loss`."""
 
 from __future__ import annotations
 
@@ -220,9 +222,97 @@ class UNetSmall(nn.Module):
         return self.head(self.dec1(torch.cat([up, s1], 1)))
 
 
+def _truncated_normal_(tensor: Tensor, std: float) -> Tensor:
+    """TensorFlow's truncated normal: N(0, std²) redrawn outside two standard deviations."""
+    return nn.init.trunc_normal_(tensor, 0.0, std, -2 * std, 2 * std)
+
+
+class FMNIST2C2D(nn.Module):
+    """DeepOBS's ``fmnist_2c2d`` network (Schneider et al., ICLR 2019), for ``[B, 1, 28, 28]``:
+    conv 32 5×5 'same' + ReLU + max-pool 2, conv 64 5×5 'same' + ReLU + max-pool 2, dense
+    3136→1024 + ReLU, dense 1024→10; weights truncated-normal (std 0.05), biases 0.05."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(7 * 7 * 64, 1024), nn.ReLU(), nn.Linear(1024, num_classes),
+        )
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                _truncated_normal_(m.weight, 0.05)
+                nn.init.constant_(m.bias, 0.05)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class FMNISTVAE(nn.Module):
+    """DeepOBS's ``fmnist_vae`` network for ``[B, 1, 28, 28]`` images in [0, 1].
+
+    Encoder: three 4×4 convolutions with 64 channels ('same'; strides 2, 2, 1), leaky ReLU
+    (slope 0.3) and dropout 0.2 each, then dense 3136→``latent`` for the mean and for
+    ``log_std`` (halved). Decoder: dense ``latent``→24→49 (leaky ReLU), a 7×7 image
+    up-sampled by three 4×4 ConvTranspose2d with 64 channels ('same' as TensorFlow pads
+    it: strides 2, 1, 1; ReLU; dropout 0.2), dense 12544→784 with a sigmoid. Xavier-uniform
+    weights, zero biases. ``forward`` returns ``(reconstruction [B, 1, 28, 28], mean
+    [B, latent], log_std [B, latent])``; ``z = mean + ε·exp(log_std)`` draws ε from torch's
+    global generator.
+    """
+
+    variational = True
+
+    def __init__(self, num_classes: int = 1, in_channels: int = 1, latent: int = 8) -> None:
+        super().__init__()
+        if num_classes != in_channels:
+            raise ValueError(f"fmnist_vae reconstructs its input: num_classes ({num_classes}) must equal "
+                             f"in_channels ({in_channels}).")
+        self.in_channels = in_channels
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 4, stride=2, padding=1), nn.LeakyReLU(0.3), nn.Dropout(0.2),
+            nn.Conv2d(64, 64, 4, stride=2, padding=1), nn.LeakyReLU(0.3), nn.Dropout(0.2),
+            nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(64, 64, 4), nn.LeakyReLU(0.3), nn.Dropout(0.2),  # 'same'
+            nn.Flatten(),
+        )
+        self.mean = nn.Linear(7 * 7 * 64, latent)
+        self.log_std = nn.Linear(7 * 7 * 64, latent)
+        self.expand = nn.Sequential(nn.Linear(latent, 24), nn.LeakyReLU(0.3), nn.Linear(24, 49), nn.LeakyReLU(0.3))
+        self.up1 = nn.ConvTranspose2d(1, 64, 4, stride=2, padding=1)  # 7 -> 14
+        self.up2 = nn.ConvTranspose2d(64, 64, 4, padding=1)  # 14 -> 15, TensorFlow keeps rows 0..13
+        self.up3 = nn.ConvTranspose2d(64, 64, 4, padding=1)
+        self.dropout = nn.Dropout(0.2)
+        self.out = nn.Linear(14 * 14 * 64, 28 * 28 * in_channels)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.encoder(x)
+        mean, log_std = self.mean(h), 0.5 * self.log_std(h)
+        z = mean + torch.randn_like(log_std) * log_std.exp()
+        y = self.expand(z).view(-1, 1, 7, 7)
+        y = self.dropout(self.up1(y).relu())
+        y = self.dropout(self.up2(y)[..., :14, :14].relu())
+        y = self.dropout(self.up3(y)[..., :14, :14].relu())
+        images = torch.sigmoid(self.out(y.flatten(1)))
+        return images.view(-1, self.in_channels, 28, 28), mean, log_std
+
+
+def vae_loss(outputs: tuple[Tensor, Tensor, Tensor], images: Tensor) -> Tensor:
+    """DeepOBS's VAE loss, averaged over the batch: the squared reconstruction error summed
+    over pixels plus ``KL(N(mean, exp(log_std)²) ‖ N(0, I))``."""
+    reconstruction, mean, log_std = outputs
+    error = (reconstruction - images).square().flatten(1).sum(1)
+    kl = -0.5 * (1 + 2 * log_std - mean.square() - (2 * log_std).exp()).sum(1)
+    return (error + kl).mean()
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18, "vgg19": VGG19, "small_cnn": SmallCNN, "mixed_cnn": MixedCNN,
     "convnext_cifar": ConvNeXtCIFAR, "mobilenetv2_cifar": MobileNetV2CIFAR, "unet_small": UNetSmall,
+    "fmnist_2c2d": FMNIST2C2D, "fmnist_vae": FMNISTVAE,
 }
 
 

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from experiments.config import ConfigError, apply_overrides, check_keys, compose, load_yaml
-from experiments.data import DATASETS, DENSE_DATASETS, DataError, load_data
+from experiments.data import DATASETS, DENSE_DATASETS, RECONSTRUCTION_DATASETS, DataError, load_data
 from experiments.models import MODELS, build_model
 from experiments.optimizers import (
     HYPERPARAMETER_TYPES,
@@ -72,6 +72,9 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
     check_keys(opt, OPTIMIZER, "config.optimizer")
     if data.get("name", "synthetic") not in DATASETS:
         raise ConfigError(f"config.data.name {data['name']!r} is unknown; available: {DATASETS}.")
+    if getattr(MODELS[config["model"]], "variational", False) or data.get("name") in RECONSTRUCTION_DATASETS:
+        raise ConfigError(f"config.model {config['model']!r} / config.data.name {data.get('name')!r}: the VAE "
+                          "problem is trained by python -m experiments.benchmark --problem fmnist_vae.")
     dense_model = getattr(MODELS[config["model"]], "dense_prediction", False)
     if dense_model != (data.get("name", "synthetic") in DENSE_DATASETS):
         need = "a dense-prediction data set " + str(DENSE_DATASETS) if dense_model else "a classification data set"
@@ -203,7 +206,8 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> list[dic
         data_cfg.get("name", "synthetic"), data_cfg.get("data_dir"), data_cfg.get("image_size", 32),
         data_cfg.get("num_classes", 10), data_cfg.get("n_train", 512), data_cfg.get("n_test", 128), seed,
     )
-    model = build_model(config["model"], num_classes=classes).to(device)
+    in_channels = train_set.tensors[0].shape[1]
+    model = build_model(config["model"], num_classes=classes, in_channels=in_channels).to(device)
     dense = data_cfg.get("name", "synthetic") in DENSE_DATASETS
     name = opt_cfg.pop("name")
     try:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kfac_tn.capture import LayerCapture, supported_layers, supported_parameters, unsupported_layers
-from kfac_tn.factors import grad_output_factor, input_factor
+from kfac_tn.factors import grad_output_factor, grad_output_factor_blocks, input_factor, input_factor_blocks
 from kfac_tn.factors.layers import as_called
 from kfac_tn.factors.subsampled import (
     sample_count,
@@ -41,6 +41,7 @@ from kfac_tn.optim.distributed import (
     reduce_gradients_,
     worker_groups,
 )
+from kfac_tn.optim.factor_blocks import block_layout, diagonal_blocks, padded_blocks
 from kfac_tn.optim.factor_sums import FactorSums
 from kfac_tn.optim.kfac_update import (
     INVERSE_KEYS,
@@ -117,6 +118,13 @@ class KFAC(torch.optim.Optimizer):
             ``ν = min(1, sqrt(κ / Σ lr² ⟨d, g⟩))`` before weight decay and momentum, which
             keeps early steps, taken with poorly estimated factors, from blowing up.
             ``None`` switches it off. Typical: 1e-3 (default) to 1e-2.
+        max_factor_dim: keep a factor of dimension ``d`` above this bound as its
+            ``n = ⌈d / max_factor_dim⌉`` diagonal blocks of ``⌈d / n⌉`` (Distributed
+            Shampoo's ``max_preconditioner_dim``): only those blocks are computed, averaged,
+            inverted and applied, so a large layer (e.g. a 3136→1024 Linear: A 3137×3137)
+            costs ``d·B`` instead of ``d²`` per sample and per gradient row, and its
+            inversion ``d·B²`` instead of ``d³``. ``None``: every factor dense (exact KFAC).
+            Which layer got what: :attr:`factor_blocks`, :meth:`describe`.
         shard_preconditioner: with torch.distributed, keep each layer's running A, G and
             inverses on one rank only (owners balance the bytes, :mod:`sharding`): the
             ranks' factors are reduced to the owner, which inverts them, preconditions the
@@ -152,6 +160,7 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: float | None = 1e-3,
         subsample: float | int | None = None,
         shard_preconditioner: bool = False,
+        max_factor_dim: int | None = None,
     ) -> None:
         check_model(model)
         model = unwrap_model(model)
@@ -179,6 +188,9 @@ class KFAC(torch.optim.Optimizer):
         self.subsample = subsample
         check_sharding(shard_preconditioner, update_worker_fraction)
         self.shard_preconditioner = shard_preconditioner
+        if max_factor_dim is not None:
+            positive_int("max_factor_dim", max_factor_dim)
+        self.max_factor_dim = max_factor_dim
         if params is None:
             params = supported_parameters(model)
             unsupported = unsupported_layers(model)
@@ -203,12 +215,17 @@ class KFAC(torch.optim.Optimizer):
                 raise ValueError(f"Parameters of layer {name!r} are in different param groups {sorted(groups)}.")
             self.layers[name] = m
         self._group_index = {name: group_of[m.weight] for name, m in self.layers.items()}
+        #: per layer, ``((n_A, b_A), (n_G, b_G))``: A and G kept as ``n`` diagonal blocks of
+        #: ``b`` (``n = 1``: dense), see ``max_factor_dim``
+        self.factor_blocks: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+            name: tuple(block_layout(d, max_factor_dim) for d in block_dims(m, self.group_average))
+            for name, m in self.layers.items()}
         self._layouts = {name: (m.weight.device, m.weight.dtype) for name, m in self.layers.items()}
         self.kfac_state: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
         self._owner_of: dict[str, int] | None = None  # sharded: layer -> owning rank
         self._factored: set[str] = set()  # sharded: layers whose owner holds factors (known on every rank)
         if shard_preconditioner and is_distributed():
-            sizes = {name: float(num_blocks(m, self.group_average) * sum(d * d for d in block_dims(m, self.group_average)))
+            sizes = {name: float(num_blocks(m, self.group_average) * sum(n * b * b for n, b in self.factor_blocks[name]))
                      for name, m in self.layers.items()}
             self._owner_of = assign_owners(sizes, dist.get_world_size())
         self._pending: dict[str, FactorSums] = {}
@@ -216,6 +233,19 @@ class KFAC(torch.optim.Optimizer):
         self._loss_scale: float | None = None
         self._warned: set[str] = set()
         self._capture = LayerCapture(self.layers, self._accumulate, self._statistics_due)
+
+    def describe(self) -> str:
+        """One line per layer: its factors' dimensions and how each is kept (dense, or
+        ``n`` diagonal blocks of ``b``), with the multiply-adds of one preconditioning."""
+        lines = []
+        for name, module in self.layers.items():
+            dims = block_dims(module, self.group_average)
+            kept = [f"{d} dense" if n == 1 else f"{d} as {n} blocks of {b}"
+                    for d, (n, b) in zip(dims, self.factor_blocks[name])]
+            (_, b_A), (_, b_G) = self.factor_blocks[name]
+            cost = num_blocks(module, self.group_average) * dims[0] * dims[1] * (b_A + b_G)
+            lines.append(f"{name}: A {kept[0]}, G {kept[1]} ({cost / 1e6:.1f} M multiply-adds per step)")
+        return "\n".join(lines)
 
     def set_current_grad_scale(self, grad_scale: float) -> None:
         """The loss scale of this step's backward passes, for the gradient-clipping recipe
@@ -242,13 +272,21 @@ class KFAC(torch.optim.Optimizer):
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
         module = as_called(module, x, grad_output.shape)  # e.g. a ConvTranspose called with output_size=
-        if self.subsample is None:
-            A = input_factor(module, x, self.kfac_approx, self.group_average)
-            G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
+        (n_A, b_A), (n_G, b_G) = self.factor_blocks[name]
+        if self.subsample is not None:  # blocks cut from the randomized factors
+            A = diagonal_blocks(subsampled_input_factor(module, x, self.subsample, self.group_average), n_A, b_A)
+            G = diagonal_blocks(subsampled_grad_output_factor(module, grad_output, self.subsample,
+                                                              self.loss_average, self.group_average), n_G, b_G)
         else:
-            A = subsampled_input_factor(module, x, self.subsample, self.group_average)
-            G = subsampled_grad_output_factor(module, grad_output, self.subsample, self.loss_average,
-                                              self.group_average)
+            if n_A == 1:
+                A = input_factor(module, x, self.kfac_approx, self.group_average)
+            else:
+                A = padded_blocks(*input_factor_blocks(module, x, b_A, self.kfac_approx, self.group_average), n_A)
+            if n_G == 1:
+                G = grad_output_factor(module, grad_output, self.kfac_approx, self.loss_average, self.group_average)
+            else:
+                G = padded_blocks(*grad_output_factor_blocks(module, grad_output, b_G, self.kfac_approx,
+                                                             self.loss_average, self.group_average), n_G)
         if name not in self._pending:
             self._pending[name] = FactorSums(averaged_loss=self.loss_average is not None)
         self._pending[name].add(A, G, x.shape[0])
@@ -315,9 +353,10 @@ class KFAC(torch.optim.Optimizer):
     def _invert(self, name: str) -> None:
         damping = self.param_groups[self._group_index[name]]["damping"]
         state = self.kfac_state[name]
+        dims = block_dims(self.layers[name], self.group_average)
         try:
             state.update(invert(state["A"], state["G"], damping, self.pi_damping, self.inverse_method,
-                                self.inverse_dtype))
+                                self.inverse_dtype, dims))
         except torch.linalg.LinAlgError as error:
             raise torch.linalg.LinAlgError(
                 f"{error} for layer {name!r}: increase damping (now {damping}) or use inverse_method='eigh'."
@@ -332,7 +371,8 @@ class KFAC(torch.optim.Optimizer):
             for name in due:
                 self._invert(name)
             return
-        costs = {n: float(st["A"].shape[-1] ** 3 + st["G"].shape[-1] ** 3) for n, st in self.kfac_state.items() if "A" in st}
+        costs = {n: float(sum(k * b**3 for k, b in self.factor_blocks[n])) for n, st in self.kfac_state.items()
+                 if "A" in st}
         owners = assign_greedy(costs, len(groups))
         mine = next(i for i, members in enumerate(groups) if dist.get_rank() in members)
         for name in due:
@@ -474,11 +514,14 @@ class KFAC(torch.optim.Optimizer):
                 f"{sorted(self.kfac_state)}."
             )
         for name, layer_state in kfac["layers"].items():
-            mine = self.layers[name]
             if "A" in layer_state:
-                dim_K, dim_C = block_dims(mine, self.group_average)
-                if layer_state["A"].shape[-1] != dim_K or layer_state["G"].shape[-1] != dim_C:
-                    raise ValueError(f"State dict factors of layer {name!r} do not match its shape.")
+                groups = num_blocks(self.layers[name], self.group_average)
+                expected = [(groups, b, b) if n == 1 else (groups, n, b, b) for n, b in self.factor_blocks[name]]
+                found = [tuple(layer_state[k].shape) for k in ("A", "G")]
+                if found != expected:
+                    raise ValueError(
+                        f"State dict factors of layer {name!r} have shapes {found}; this optimizer keeps "
+                        f"{expected} (its layer shape and max_factor_dim={self.max_factor_dim}).")
         super().load_state_dict(state_dict)
         self.steps = kfac["steps"]
         self.kfac_state = {

@@ -1,7 +1,8 @@
 """KFAC's update rule as functions of tensors, without optimizer state or hooks.
 
 Per layer block with factors ``A [d_A, d_A]``, ``G [d_G, d_G]`` and gradient ``V [d_G, d_A]``
-(the optimizer's blocks are batched: ``A [B, d_A, d_A]``, ``G [B, d_G, d_G]``):
+(the optimizer's blocks are batched: ``A [B, d_A, d_A]``, ``G [B, d_G, d_G]``; a factor
+kept block-diagonal is ``[B, n, b, b]``, see :mod:`kfac_tn.optim.factor_blocks`):
 
 - running averages (:func:`absorb_`): ``A ← ε A + (1 − ε) A_new``, likewise G; the first
   factors replace the zero start; a factor that is not used keeps its bits;
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kfac_tn.optim.factor_blocks import flat_eigenvalues, is_blocked, multiply_left, multiply_right, trace_mean
 
 INVERSE_METHODS = ("eigh", "cholesky")
 #: per inversion method, the tensors an inversion produces
@@ -44,57 +47,77 @@ def damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return evals.clamp_min_(0).contiguous(), evecs.contiguous()
 
 
-def damping_split(A: Tensor, G: Tensor, damping: float, pi_damping: bool) -> tuple[Tensor, Tensor]:
+def damping_split(
+    A: Tensor, G: Tensor, damping: float, pi_damping: bool, dims: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor]:
     """``(δ_A, δ_G)``, each ``[B, 1]``, with ``δ_A δ_G = λ`` (``damping``) for blocks
     ``A [B, d_A, d_A]``, ``G [B, d_G, d_G]``; ``δ_A / δ_G = π²`` with ``pi_damping``, else 1.
-    A block with a zero or non-finite trace ratio gets ``π = 1``."""
+    A block with a zero or non-finite trace ratio gets ``π = 1``. Block-diagonal factors
+    (``[B, n, b, b]``) need their unpadded ``dims = (d_A, d_G)``; π is the whole factors'."""
     root = torch.full((A.shape[0], 1), damping**0.5, dtype=A.dtype, device=A.device)
     if not pi_damping:
         return root, root
-    tr_A = A.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
-    tr_G = G.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
-    pi = (tr_A / tr_G).sqrt().nan_to_num(nan=1.0, posinf=1.0).clamp_min(1e-12)
+    d_A, d_G = dims if dims is not None else (A.shape[-1], G.shape[-1])
+    pi = (trace_mean(A, d_A) / trace_mean(G, d_G)).sqrt().nan_to_num(nan=1.0, posinf=1.0).clamp_min(1e-12)
     return root * pi, root / pi
 
 
-def invert(A: Tensor, G: Tensor, damping: float, pi_damping: bool, method: str, dtype: torch.dtype) -> dict[str, Tensor]:
+def _as_batch(M: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Blocks ``[B·n, b, b]`` and their damping ``[B·n, 1]`` of a dense or blocked factor."""
+    if not is_blocked(M):
+        return M, delta
+    return M.flatten(0, 1), delta.repeat_interleave(M.shape[1], dim=0)
+
+
+def invert(
+    A: Tensor, G: Tensor, damping: float, pi_damping: bool, method: str, dtype: torch.dtype,
+    dims: tuple[int, int] | None = None,
+) -> dict[str, Tensor]:
     """The damped inverses of blocks ``A [B, d_A, d_A]``, ``G [B, d_G, d_G]`` in ``dtype``,
     keyed by :data:`INVERSE_KEYS` ``[method]``: ``"eigh"``: eigenvalues (damping added) and
-    eigenvectors; ``"cholesky"``: ``(A + δ_A I)⁻¹``, ``(G + δ_G I)⁻¹``.
+    eigenvectors; ``"cholesky"``: ``(A + δ_A I)⁻¹``, ``(G + δ_G I)⁻¹``. A block-diagonal
+    factor ``[B, n, b, b]`` (unpadded ``dims``, see :func:`damping_split`) is inverted block
+    by block; its results keep the block axis (``[B, n, b]``, ``[B, n, b, b]``).
 
     Raises ``torch.linalg.LinAlgError`` naming the factor if a Cholesky factorization fails
     (one host sync, only for ``"cholesky"``).
     """
-    d_A, d_G = damping_split(A, G, damping, pi_damping)
-    if method == "eigh":
-        eval_A, Q_A = damped_eigh(A, dtype)
-        eval_G, Q_G = damped_eigh(G, dtype)
-        return {"eval_A": eval_A + d_A.to(dtype), "Q_A": Q_A, "eval_G": eval_G + d_G.to(dtype), "Q_G": Q_G}
-    if method != "cholesky":
+    if method not in INVERSE_METHODS:
         raise ValueError(f"method must be one of {INVERSE_METHODS}, got {method!r}.")
+    deltas = damping_split(A, G, damping, pi_damping, dims)
     out = {}
-    for key, M, delta in (("A_inv", A, d_A), ("G_inv", G, d_G)):
-        eye = torch.eye(M.shape[-1], dtype=dtype, device=M.device)
-        L, info = torch.linalg.cholesky_ex(M.to(dtype) + delta.to(dtype).unsqueeze(-1) * eye)
-        if bool((info > 0).any()):
-            raise torch.linalg.LinAlgError(f"Cholesky of the damped {key[0]} factor failed")
-        out[key] = torch.cholesky_inverse(L).contiguous()
+    for name, M, delta in (("A", A, deltas[0]), ("G", G, deltas[1])):
+        batch, batch_delta = _as_batch(M, delta)
+        if method == "eigh":
+            evals, Q = damped_eigh(batch, dtype)
+            results = {f"eval_{name}": evals + batch_delta.to(dtype), f"Q_{name}": Q}
+        else:
+            eye = torch.eye(M.shape[-1], dtype=dtype, device=M.device)
+            L, info = torch.linalg.cholesky_ex(batch.to(dtype) + batch_delta.to(dtype).unsqueeze(-1) * eye)
+            if bool((info > 0).any()):
+                raise torch.linalg.LinAlgError(f"Cholesky of the damped {name} factor failed")
+            results = {f"{name}_inv": torch.cholesky_inverse(L).contiguous()}
+        for key, value in results.items():
+            out[key] = value.unflatten(0, M.shape[:2]) if is_blocked(M) else value
     return out
 
 
 def precondition(inverse: dict[str, Tensor], blocks: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     """``(G + δ_G I)⁻¹ V_b (A + δ_A I)⁻¹`` for each gradient block ``V_b [d_G, d_A]`` from the
-    output of :func:`invert`; products in ``dtype``, results in each block's dtype."""
+    output of :func:`invert` (dense or block-diagonal inverses); products in ``dtype``,
+    results in each block's dtype."""
     out = []
     for b, V in enumerate(blocks):
         v = V.to(dtype)
+        d_G, d_A = v.shape
         if "Q_A" in inverse:
             Q_A, Q_G = inverse["Q_A"][b], inverse["Q_G"][b]
-            inner = Q_G.T @ v @ Q_A
-            inner /= inverse["eval_G"][b].unsqueeze(1) * inverse["eval_A"][b].unsqueeze(0)
-            nat = Q_G @ inner @ Q_A.T
+            inner = multiply_right(multiply_left(Q_G.transpose(-2, -1), v), Q_A)
+            inner /= (flat_eigenvalues(inverse["eval_G"][b], d_G).unsqueeze(1)
+                      * flat_eigenvalues(inverse["eval_A"][b], d_A).unsqueeze(0))
+            nat = multiply_right(multiply_left(Q_G, inner), Q_A.transpose(-2, -1))
         else:
-            nat = inverse["G_inv"][b] @ v @ inverse["A_inv"][b]
+            nat = multiply_right(multiply_left(inverse["G_inv"][b], v), inverse["A_inv"][b])
         out.append(nat.to(V.dtype))
     return out
 
