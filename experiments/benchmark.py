@@ -148,6 +148,8 @@ def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: i
     baseline = current_bytes(device)
     reset_peak(device)
     batches_per_epoch = len(X) // problem.batch_size
+    if batches_per_epoch == 0:
+        raise DataError(f"{problem.data} has {len(X)} training samples, fewer than one batch of {problem.batch_size}.")
     order = torch.Generator().manual_seed(seed)
     curve, seconds, steps, diverged = [], 0.0, 0, False
     losses: list[float] = []

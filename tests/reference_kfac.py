@@ -51,15 +51,26 @@ class ReferenceKFAC:
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  damping: float = 1e-3, ema_decay: float = 0.95, factor_update_freq: int = 1,
-                 inverse_update_freq: int = 10, kfac_approx: str = "expand", kl_clip: float | None = 1e-3) -> None:
+                 inverse_update_freq: int = 10, kfac_approx: str = "expand", kl_clip: float | None = 1e-3,
+                 max_factor_dim: int | None = None) -> None:
         self.model, self.lr, self.momentum, self.weight_decay = model, lr, momentum, weight_decay
         self.damping, self.ema_decay, self.approx = damping, ema_decay, kfac_approx
         self.factor_update_freq, self.inverse_update_freq = factor_update_freq, inverse_update_freq
-        self.kl_clip = kl_clip
+        self.kl_clip, self.max_factor_dim = kl_clip, max_factor_dim
         self.averages: dict[str, tuple[Tensor, Tensor]] = {}
         self.frozen: dict[str, tuple[Tensor, Tensor]] = {}  # damped factors of the last inversion
         self.buffers: dict[int, Tensor] = {}
         self.steps = 0
+
+    def _masked(self, F: Tensor) -> Tensor:
+        """``F`` with the entries outside its diagonal blocks set to 0 (``max_factor_dim``:
+        ``n = ⌈d / max⌉`` blocks of ``⌈d / n⌉``, the last one shorter)."""
+        d = F.shape[-1]
+        if self.max_factor_dim is None or d <= self.max_factor_dim:
+            return F
+        n = -(-d // self.max_factor_dim)
+        which = torch.arange(d) // -(-d // n)
+        return torch.where(which[:, None] == which[None, :], F, 0.0)
 
     def step(self, X: Tensor, y: Tensor) -> None:
         """One step on the batch ``(X, y)`` with the mean cross-entropy loss."""
@@ -74,6 +85,7 @@ class ReferenceKFAC:
         if self.steps % self.inverse_update_freq == 0:
             root = self.damping**0.5
             for name, (A, G) in self.averages.items():
+                A, G = self._masked(A), self._masked(G)
                 self.frozen[name] = (A + root * torch.eye(A.shape[-1], dtype=A.dtype),
                                      G + root * torch.eye(G.shape[-1], dtype=G.dtype))
         model.zero_grad()

@@ -70,29 +70,25 @@ def trace_mean(factor: Tensor, dim: int) -> Tensor:
     return (diagonal.sum((-2, -1)) - padding).unsqueeze(-1) / dim
 
 
-def multiply_right(V: Tensor, M: Tensor) -> Tensor:
-    """``V · M`` for ``V [r, d]`` and ``M`` dense ``[d, d]`` or blocks ``[n, B, B]``."""
+def multiply_right(V: Tensor, M: Tensor, keep: int | None = None) -> Tensor:
+    """``V · M`` for ``M`` dense ``[d, d]`` or blocks ``[n, B, B]``, and ``V [r, k]`` with
+    ``k ≤ n·B`` columns (the rest taken as zero); the first ``keep`` columns (default ``k``:
+    ``n·B`` keeps the padded coordinates, e.g. an eigenbasis' of a padded block)."""
     if M.dim() == 2:
         return V @ M
     n, B, _ = M.shape
-    r, d = V.shape
-    padded = V.new_zeros(r, n * B)
-    padded[:, :d] = V
+    r, k = V.shape
+    padded = V if k == n * B else torch.cat([V, V.new_zeros(r, n * B - k)], dim=1)
     out = torch.bmm(padded.view(r, n, B).transpose(0, 1), M)  # [n, r, B]
-    return out.transpose(0, 1).reshape(r, n * B)[:, :d]
+    return out.transpose(0, 1).reshape(r, n * B)[:, : k if keep is None else keep]
 
 
-def multiply_left(M: Tensor, V: Tensor) -> Tensor:
-    """``M · V`` for ``V [d, c]`` and ``M`` dense ``[d, d]`` or blocks ``[n, B, B]``."""
+def multiply_left(M: Tensor, V: Tensor, keep: int | None = None) -> Tensor:
+    """``M · V`` for ``M`` dense ``[d, d]`` or blocks ``[n, B, B]``, and ``V [k, c]`` with
+    ``k ≤ n·B`` rows (the rest taken as zero); the first ``keep`` rows (default ``k``)."""
     if M.dim() == 2:
         return M @ V
     n, B, _ = M.shape
-    d, c = V.shape
-    padded = V.new_zeros(n * B, c)
-    padded[:d] = V
-    return torch.bmm(M, padded.view(n, B, c)).reshape(n * B, c)[:d]
-
-
-def flat_eigenvalues(evals: Tensor, dim: int) -> Tensor:
-    """Eigenvalues of a (blocked) factor as one vector ``[d]``: ``[d]`` or ``[n, B]`` in."""
-    return evals.flatten()[:dim]
+    k, c = V.shape
+    padded = V if k == n * B else torch.cat([V, V.new_zeros(n * B - k, c)], dim=0)
+    return torch.bmm(M, padded.view(n, B, c)).reshape(n * B, c)[: k if keep is None else keep]

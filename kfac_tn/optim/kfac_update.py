@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kfac_tn.optim.factor_blocks import flat_eigenvalues, is_blocked, multiply_left, multiply_right, trace_mean
+from kfac_tn.optim.factor_blocks import is_blocked, multiply_left, multiply_right, trace_mean
 
 INVERSE_METHODS = ("eigh", "cholesky")
 #: per inversion method, the tensors an inversion produces
@@ -112,10 +112,11 @@ def precondition(inverse: dict[str, Tensor], blocks: list[Tensor], dtype: torch.
         d_G, d_A = v.shape
         if "Q_A" in inverse:
             Q_A, Q_G = inverse["Q_A"][b], inverse["Q_G"][b]
-            inner = multiply_right(multiply_left(Q_G.transpose(-2, -1), v), Q_A)
-            inner /= (flat_eigenvalues(inverse["eval_G"][b], d_G).unsqueeze(1)
-                      * flat_eigenvalues(inverse["eval_A"][b], d_A).unsqueeze(0))
-            nat = multiply_right(multiply_left(Q_G, inner), Q_A.transpose(-2, -1))
+            eval_A, eval_G = inverse["eval_A"][b].flatten(), inverse["eval_G"][b].flatten()
+            # in the eigenbases every coordinate counts, padded ones too (sorted among the others)
+            inner = multiply_right(multiply_left(Q_G.transpose(-2, -1), v, len(eval_G)), Q_A, len(eval_A))
+            inner /= eval_G.unsqueeze(1) * eval_A.unsqueeze(0)
+            nat = multiply_right(multiply_left(Q_G, inner, d_G), Q_A.transpose(-2, -1), d_A)
         else:
             nat = multiply_right(multiply_left(inverse["G_inv"][b], v), inverse["A_inv"][b])
         out.append(nat.to(V.dtype))
