@@ -78,18 +78,24 @@ class Setting:
     grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
-_LR2 = (0.1, 0.03, 0.3)  # second-order learning rates (momentum 0.9): preset first
-_DAMPING = (1e-3, 1e-2)
+_SINGD_LR = (0.1, 0.03, 0.3)  # SGD-like learning rates (momentum 0.9): SINGD starts from K = C = I
+#: kfac_tn's cost controls for a large dense layer (blocks of at most 256, Cholesky inverses)
+_KFAC_COST = {"max_factor_dim": 256, "inverse_method": "cholesky"}
 SETTINGS = {
     "sgd": Setting("sgd", {"momentum": 0.0}, {"lr": (0.158, 0.05, 0.5)}),  # DeepOBS's tuned lr first
     "momentum": Setting("sgd", {"momentum": 0.9}, {"lr": (0.01, 0.003, 0.03)}),
     "adam": Setting("adam", {}, {"lr": (1e-3, 3e-4, 3e-3)}),
     "singd_stock": Setting("singd_stock", {"momentum": 0.9, "T": 10, "kfac_approx": "reduce",
-                                           "structures": ["dense", "dense"]}, {"lr": _LR2, "damping": _DAMPING}),
+                                           "structures": ["dense", "dense"]}, {"lr": _SINGD_LR}),
     **{f"singd_{s}_{a}": Setting("singd_tn", {"momentum": 0.9, "T": 10 if s == "dense" else 1, "kfac_approx": a,
-                                              "structures": [s, s]}, {"lr": _LR2, "damping": _DAMPING})
+                                              "structures": [s, s]}, {"lr": _SINGD_LR})
        for s in ("dense", "diagonal", "block30diagonal") for a in ("expand", "reduce")},
-    "kfac": Setting("kfac", {}, {"lr": (0.01, 0.003, 0.03), "damping": (1e-3, 1e-2)}),
+    "kfac": Setting("kfac", {**_KFAC_COST, "kfac_approx": "reduce"},
+                    {"lr": (0.01, 0.03, 0.003), "damping": (1e-2, 1e-3), "kl_clip": (1e-2, 1e-3)}),
+    "kfac_expand": Setting("kfac", {**_KFAC_COST, "kfac_approx": "expand", "factor_update_freq": 5},
+                           {"lr": (0.01, 0.03), "damping": (1e-2, 1e-3), "kl_clip": (1e-2,)}),
+    "kfac_exact": Setting("kfac", {"inverse_method": "cholesky", "max_factor_dim": None, "kfac_approx": "reduce"},
+                          {"lr": (0.01,), "damping": (1e-2,), "kl_clip": (1e-2,)}),  # no blocks: their price
     "kfac_defaults": Setting("kfac"),  # every default, untuned: the out-of-the-box check
 }
 QUICK_OPTIMIZERS = ("sgd", "momentum", "adam", "kfac_defaults", "singd_dense_reduce")
@@ -188,7 +194,7 @@ def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: i
 
 
 def _key(problem: str, optimizer: str, hyper: dict[str, Any], split: str, seed: int, budget: float) -> str:
-    point = "_".join(f"{k}{v:g}" for k, v in sorted(hyper.items()))
+    point = "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(hyper.items()))
     return f"{problem}-{optimizer}-{point or 'preset'}-{split}-s{seed}-{budget:g}s"
 
 
@@ -311,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="output folder (results/benchmark/<problem>)")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that are kept in <out>/runs")
+    parser.add_argument("--tune-only", action="store_true", help="stop after the tuning (prints the chosen points)")
     args = parser.parse_args(argv)
     problem = PROBLEMS[args.problem]
     names = args.optimizers or list(QUICK_OPTIMIZERS if args.quick else SETTINGS)
@@ -342,6 +349,11 @@ def main(argv: list[str] | None = None) -> None:
             scores[json.dumps(point)] = score(problem, result)
             bar.update(1)
         chosen[name] = json.loads(max(scores, key=scores.get))
+        bar.write(f"{name}: " + ", ".join(f"{p} {v:.4f}" for p, v in sorted(scores.items(), key=lambda kv: -kv[1])))
+    if args.tune_only:
+        bar.close()
+        print(json.dumps(chosen, indent=1))
+        return
     rows, curves = [], {}
     for name in names:
         runs = []
