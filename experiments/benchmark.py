@@ -90,6 +90,10 @@ SETTINGS = {
     **{f"singd_{s}_{a}": Setting("singd_tn", {"momentum": 0.9, "T": 10 if s == "dense" else 1, "kfac_approx": a,
                                               "structures": [s, s]}, {"lr": _SINGD_LR})
        for s in ("dense", "diagonal", "block30diagonal") for a in ("expand", "reduce")},
+    # dense SINGD whose factors above 1024 rows are block30diagonal (kfac_tn.budget_groups)
+    "singd_budget": Setting("singd_tn", {"momentum": 0.9, "T": 10, "kfac_approx": "reduce",
+                                         "structures": ["dense", "dense"], "max_dense_dim": 1024}, {"lr": _SINGD_LR}),
+    # KFAC's defaults are this grid's best point
     "kfac": Setting("kfac", {**_KFAC_COST, "kfac_approx": "reduce"},
                     {"lr": (0.01, 0.03, 0.003), "damping": (1e-2, 1e-3), "kl_clip": (1e-2, 1e-3)}),
     "kfac_expand": Setting("kfac", {**_KFAC_COST, "kfac_approx": "expand", "factor_update_freq": 5},
@@ -104,6 +108,10 @@ QUICK_OPTIMIZERS = ("sgd", "momentum", "adam", "kfac_defaults", "singd_dense_red
 def build(setting: Setting, model: nn.Module, hyper: dict[str, Any]) -> Combined:
     """The optimizer of ``setting`` at the grid point ``hyper``."""
     kwargs = {**setting.fixed, **hyper}
+    if "max_dense_dim" in kwargs:  # SINGD with kfac_tn.budget_groups
+        import kfac_tn
+
+        kwargs["params"] = kfac_tn.budget_groups(model, kwargs.pop("max_dense_dim"), tuple(kwargs["structures"]))
     if setting.name == "adam":
         return Combined(torch.optim.Adam(model.parameters(), **kwargs), None)
     return build_optimizer(model, setting.name, **kwargs)

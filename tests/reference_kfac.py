@@ -47,12 +47,13 @@ def _unblock(layer: nn.Module, mats: list[Tensor]) -> tuple[Tensor, Tensor | Non
 
 
 class ReferenceKFAC:
-    """KFAC on ``model`` with the constructor arguments of :class:`kfac_tn.KFAC` it names."""
+    """KFAC on ``model`` with the constructor arguments of :class:`kfac_tn.KFAC` it names
+    (and its defaults, but for ``lr``, which is required)."""
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 damping: float = 1e-3, ema_decay: float = 0.95, factor_update_freq: int = 1,
-                 inverse_update_freq: int = 10, kfac_approx: str = "expand", kl_clip: float | None = 1e-3,
-                 max_factor_dim: int | None = None) -> None:
+                 damping: float = 1e-2, ema_decay: float = 0.95, factor_update_freq: int = 1,
+                 inverse_update_freq: int = 10, kfac_approx: str = "reduce", kl_clip: float | None = 1e-2,
+                 max_factor_dim: int | None = 256) -> None:
         self.model, self.lr, self.momentum, self.weight_decay = model, lr, momentum, weight_decay
         self.damping, self.ema_decay, self.approx = damping, ema_decay, kfac_approx
         self.factor_update_freq, self.inverse_update_freq = factor_update_freq, inverse_update_freq

@@ -142,7 +142,7 @@ def test_describe_names_every_layer_and_how_its_factors_are_kept():
     assert lines[1].startswith("2: A 9 dense, G 1 dense")
     assert lines[2].startswith("5: A 201 as 21 blocks of 10, G 5 dense")
     assert opt.factor_blocks["5"] == ((21, 10), (1, 5))
-    assert kfac_tn.KFAC(_model()).factor_blocks["5"] == ((1, 201), (1, 5))  # exact by default? see below
+    assert kfac_tn.KFAC(_model()).factor_blocks["5"] == ((1, 201), (1, 5))  # 201 rows: within the default 256
 
 
 def test_a_resumed_blocked_run_follows_the_reference_kfac_and_refuses_another_layout():

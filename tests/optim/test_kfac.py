@@ -76,9 +76,12 @@ def test_trains_and_uses_stale_inverses_between_updates():
     opt = kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=3, factor_update_freq=1)
     losses = _train(model, opt, 8)
     assert losses[-1] < 0.5 * losses[0]
-    Q = opt.kfac_state["0"]["Q_A"].clone()
+    # the last layer's input moves with the parameters (the first layer's, X, does not)
+    inverse = opt.kfac_state["5"]["A_inv"].clone()  # (the default: Cholesky inverses)
     _train(model, opt, 1)  # step 8: no inversion (8 % 3 != 0)
-    assert torch.equal(Q, opt.kfac_state["0"]["Q_A"])
+    assert torch.equal(inverse, opt.kfac_state["5"]["A_inv"])
+    _train(model, opt, 1)  # step 9: inverted again, from factors that moved
+    assert not torch.equal(inverse, opt.kfac_state["5"]["A_inv"])
 
 
 def test_state_dict_round_trip_and_lr_scheduler():
@@ -243,7 +246,8 @@ def test_running_averages_weight_old_and_new_factors_as_documented(factor_update
                for _ in range(3)]
     first, ignored, second = batches
     eps = 0.7
-    opt = kfac_tn.KFAC(model, lr=0.0, momentum=0.0, ema_decay=eps, factor_update_freq=factor_update_freq)
+    opt = kfac_tn.KFAC(model, lr=0.0, momentum=0.0, ema_decay=eps, factor_update_freq=factor_update_freq,
+                       kfac_approx="expand")
     schedule = [first] + [ignored] * (factor_update_freq - 1) + [second]
     for X, y in schedule:
         _train(model, opt, 1, (X, y))
@@ -293,7 +297,7 @@ def test_inverses_are_refreshed_exactly_every_inverse_update_freq_steps():
     damping, lr = 1e-2, 0.1
     oracle = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), *batches[0], fisher="empirical")
     opt = kfac_tn.KFAC(model, lr=lr, momentum=0.0, damping=damping, ema_decay=0.0, inverse_update_freq=3,
-                       inverse_dtype=torch.float64, kl_clip=None)
+                       inverse_dtype=torch.float64, kl_clip=None, kfac_approx="expand")
     for X, y in batches[:2]:
         _train(model, opt, 1, (X, y))
     before = {n: [p.detach().clone() for p in model.get_submodule(n).parameters()] for n in oracle}
