@@ -23,7 +23,7 @@ HYPERPARAMETER_TYPES = {
     "grouped_conv": str, "natural_gradient_cache": str, "update_worker_fraction": (int, float),
     "ema_decay": (int, float), "pi_damping": bool, "factor_update_freq": int, "inverse_update_freq": int,
     "inverse_method": str, "kl_clip": (int, float), "subsample": (int, float),
-    "shard_preconditioner": bool, "max_factor_dim": int,
+    "shard_preconditioner": bool, "max_factor_dim": int, "max_dense_dim": int, "large_structure": str,
 }
 
 

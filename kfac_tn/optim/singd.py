@@ -104,6 +104,7 @@ from kfac_tn.optim.singd_state import (  # noqa: F401  (stock_state_dict: public
     matrix_from_state,
     stock_state_dict,
 )
+from kfac_tn.optim.structure_budget import budget_groups
 from kfac_tn.optim.structured_products import (
     stock_projector,
 )
@@ -194,6 +195,14 @@ class SINGD(StockSINGD):
             world-size independent checkpoint), :meth:`load_state_dict` keeps the owned
             layers. Per-layer storage (no fused banks); excludes ``update_worker_fraction``.
             No effect without an initialized process group.
+        max_dense_dim: kfac_tn's cost control (not in stock): a layer whose ``K`` or ``C``
+            would exceed this dimension gets ``large_structure`` on that side, in a param
+            group of its own (:func:`kfac_tn.budget_groups`; ``opt.param_groups`` show which
+            layer got what, under ``"layers"``). E.g. ``fmnist_2c2d``'s 3136→1024 Linear: dense
+            SINGD's step 3.6× SGD's, 1.2× with ``max_dense_dim=1024``. ``None`` (default):
+            ``structures`` everywhere, as stock. Needs ``params=None``.
+        large_structure: the structure of factors above ``max_dense_dim``
+            (``"block30diagonal"``, ``"diagonal"``, ``"triltoeplitz"``, ``"triutoeplitz"``).
     """
 
     SUPPORTED_MODULES = SUPPORTED_LAYERS
@@ -230,9 +239,16 @@ class SINGD(StockSINGD):
         update_worker_fraction: float = 1.0,
         subsample: float | int | None = None,
         shard_preconditioner: bool = False,
+        max_dense_dim: int | None = None,
+        large_structure: str = "block30diagonal",
     ):
         check_model(model)
         model = unwrap_model(model)
+        if max_dense_dim is not None:  # kfac_tn's cost control; stock has no such argument
+            if params is not None:
+                raise ValueError("max_dense_dim builds the param groups itself: leave params=None, or pass "
+                                 "params=kfac_tn.budget_groups(model, max_dense_dim, ...) with your own groups.")
+            params = budget_groups(model, max_dense_dim, tuple(structures), large_structure, grouped_conv)
         singd_hyperparameters(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
             T=T, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,

@@ -63,3 +63,23 @@ def test_singd_on_budget_groups_matches_stock_on_the_same_groups(large):
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         budget_groups(_net(), **kwargs)
+
+
+def test_singd_max_dense_dim_equals_stock_on_budget_groups_and_needs_its_own_groups():
+    """``SINGD(max_dense_dim=...)`` builds the groups itself: SINGD's ``structures`` apply to
+    the layers within the bound and to the small side of the others (stock as the oracle)."""
+    X, y = labelled_data((6, 3, 7, 7))
+    kwargs = dict(lr=0.1, lr_cov=0.1, T=1, damping=1e-2, structures=("dense", "diagonal"))
+    stock_model, model = _net(), _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = StockSINGD(stock_model, params=budget_groups(stock_model, 32, ("dense", "diagonal"), "diagonal"),
+                           **kwargs)
+        opt = kfac_tn.SINGD(model, max_dense_dim=32, large_structure="diagonal", **kwargs)
+    assert [g.get("layers") for g in opt.param_groups] == [None, "2", "5", "7"]
+    assert [g["structures"] for g in opt.param_groups] == [("dense", "diagonal"), ("diagonal", "diagonal"),
+                                                           ("diagonal", "diagonal"), ("diagonal", "diagonal")]
+    torch.testing.assert_close(train(model, opt, X, y, steps=3), train(stock_model, stock, X, y, steps=3),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="max_dense_dim builds the param groups itself"):
+        kfac_tn.SINGD(_net(), params=_net().parameters(), max_dense_dim=32)
