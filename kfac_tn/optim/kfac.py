@@ -542,6 +542,12 @@ class KFAC(torch.optim.Optimizer):
         if self._owner_of is not None:  # sharded: keep the layers this rank owns
             self._factored = {name for name, s in self.kfac_state.items() if "A" in s}
             self.kfac_state = {name: (s if self._owns(name) else {}) for name, s in self.kfac_state.items()}
+        # inverses of the other method (a state saved with another inverse_method, e.g. eigh, the
+        # default before 0.2) are dropped: this optimizer inverts its own at the next step
+        other = {k for method, keys in INVERSE_KEYS.items() if method != self.inverse_method for k in keys}
+        for layer_state in self.kfac_state.values():
+            for key in other & set(layer_state):
+                del layer_state[key]
         for layer_state in self.kfac_state.values():  # states saved before the flag existed
             if "A" in layer_state and "absorbed" not in layer_state:
                 layer_state["absorbed"] = torch.ones((), dtype=torch.bool, device=layer_state["A"].device)

@@ -124,7 +124,8 @@ def _worker(rank, name, init_file, out_dir):
 @pytest.mark.parametrize("name", ["singd_dense", "singd_diag", "singd_greedy", "kfac", "kfac_spread", "ddp_kfac",
                                   "ddp_singd", "ddp_module_nosync_kfac", "ddp_module_nosync_singd", "ddp_sum_singd",
                                   "ddp_sum_kfac", "sum_singd", "sum_singd_diag", "shard_singd", "shard_singd_diag_expand",
-                                  "ddp_shard_singd", "ddp_shard_sum_singd", "shard_kfac", "ddp_shard_kfac"])
+                                  "ddp_shard_singd", "ddp_shard_sum_singd", "sum_shard_singd", "shard_kfac",
+                                  "ddp_shard_kfac"])
 def test_ranks_agree_with_a_single_process_on_the_whole_batch(name):
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")

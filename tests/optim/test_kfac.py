@@ -409,3 +409,27 @@ def test_subsampled_factors_enter_the_running_averages(monkeypatch):
     assert not torch.allclose(opt.kfac_state["0"]["A"], exact["0"][0])
     with pytest.raises(ValueError, match="kfac_approx='expand'"):
         kfac_tn.KFAC(_model(), kfac_approx="reduce", subsample=0.5)
+
+
+def test_a_state_saved_with_eigh_continues_with_cholesky_inverses():
+    """KFAC's default inverse method changed (eigh -> cholesky): a state saved with eigh and
+    loaded into a Cholesky optimizer must not keep applying the loaded eigenbases. Both
+    methods give the same damped inverse, so the run equals an eigh run throughout."""
+    kwargs = dict(lr=0.05, damping=1e-2, inverse_update_freq=1, inverse_dtype=torch.float64)
+    data = [_data()] * 4
+    whole = _model()
+    opt = kfac_tn.KFAC(whole, inverse_method="eigh", **kwargs)
+    for X, y in data:
+        _train(whole, opt, 1, (X, y))
+    model = _model()
+    opt = kfac_tn.KFAC(model, inverse_method="eigh", **kwargs)
+    for X, y in data[:2]:
+        _train(model, opt, 1, (X, y))
+    state = opt.state_dict()
+    opt = kfac_tn.KFAC(model, inverse_method="cholesky", **kwargs)
+    opt.load_state_dict(state)
+    for X, y in data[2:]:
+        _train(model, opt, 1, (X, y))
+    assert "Q_A" not in opt.kfac_state["5"] and "A_inv" in opt.kfac_state["5"]
+    for p, q in zip(model.parameters(), whole.parameters()):
+        torch.testing.assert_close(p, q)

@@ -43,6 +43,9 @@ def routes(request):
 def test_trajectory_matches_stock_singd(structure, approx, stock_float64, routes):
     """Linear + ungrouped Conv2d: same arguments, same data -> same parameters.
 
+    ``alpha1 = 0.3``: with 0.5 a momentum weighted by ``1 − alpha1`` instead of ``alpha1``
+    (a bug the diagonal bank once had as a mutant) gives the same numbers.
+
     In float64, so that the only differences are rounding. The first conv takes the
     factor-sandwich route (many rows), the second and the Linear layer the row route,
     the grad-output side both: all are exercised.
@@ -53,7 +56,7 @@ def test_trajectory_matches_stock_singd(structure, approx, stock_float64, routes
     for kfac_like in (False, True):
         for T in (1, 3):
             kwargs = dict(lr=0.1, lr_cov=0.1, T=T, structures=(structure, structure),
-                          kfac_approx=approx, kfac_like=kfac_like, alpha1=0.0 if kfac_like else 0.5,
+                          kfac_approx=approx, kfac_like=kfac_like, alpha1=0.0 if kfac_like else 0.3,
                           weight_decay=1e-3)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -571,3 +574,30 @@ def test_subsampled_statistics_are_those_of_the_sampled_positions(monkeypatch):
     for bad in (0.0, 1.5, 0, True):
         with pytest.raises(ValueError, match="subsample"):
             kfac_tn.SINGD(_cnn(), subsample=bad)
+
+
+@pytest.mark.parametrize("optimizer", ["singd_diagonal", "singd_dense", "kfac"])
+def test_step_leaves_every_grad_as_it_was(optimizer):
+    """torch's optimizers read ``.grad`` and leave it: so must these, also with weight decay
+    for the parameters they step like SGD (a BitFit bias of a frozen weight), whose step is
+    torch.optim.SGD's (the oracle)."""
+    model = _cnn()
+    model[0].weight.requires_grad_(False)  # BitFit: its bias takes plain steps
+    lr, wd = 0.1, 3e-2
+    if optimizer == "kfac":
+        opt = kfac_tn.KFAC(model, lr=lr, weight_decay=wd)
+    else:
+        structure = optimizer.split("_")[1]
+        opt = kfac_tn.SINGD(model, lr=lr, weight_decay=wd, T=1, structures=(structure, structure))
+    X, y = _data((6, 3, 7, 7))
+    nn.functional.cross_entropy(model(X), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    bias = copy.deepcopy(model[0].bias)
+    bias.grad = grads["0.bias"].clone()
+    torch.optim.SGD([bias], lr=lr, momentum=0.9, weight_decay=wd).step()
+    opt.step()
+    assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[name]), name
+    torch.testing.assert_close(model[0].bias, bias)
