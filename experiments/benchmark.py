@@ -123,9 +123,10 @@ def _loss(problem: Problem, out: Any, y: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(problem: Problem, model: nn.Module, X: Tensor, y: Tensor, batch: int = 1000) -> dict[str, float]:
-    """Mean loss and (classification) accuracy on ``(X, y)``; torch's RNG state is restored
+    """Mean loss and (classification) accuracy on ``(X, y)``; torch's RNG states are restored
     afterwards, so evaluating (the VAE samples) does not change the training run."""
     rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if X.is_cuda else None
     model.eval()
     loss, hits = 0.0, 0
     for start in range(0, len(X), batch):
@@ -136,6 +137,8 @@ def evaluate(problem: Problem, model: nn.Module, X: Tensor, y: Tensor, batch: in
             hits += int((out.argmax(1) == target).sum())
     model.train()
     torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
     result = {"loss": loss / len(X)}
     if problem.metric == "accuracy":
         result["accuracy"] = hits / len(X)
@@ -148,17 +151,18 @@ def _data(name: str, data_dir: str | None, split: str):
 
 
 def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: int, budget: float,
-              split: str, eval_every: float, data_dir: str | None = None) -> dict[str, Any]:
-    """Train for ``budget`` seconds of step time; the curve of the held-out ``split``."""
+              split: str, eval_every: float, data_dir: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Train for ``budget`` seconds of step time on ``device`` (the data set lives there
+    whole); the curve of the held-out ``split``."""
+    device = torch.device(device)
     train, held_out, classes = _data(problem.data, data_dir, split)
-    X, y = train.tensors
-    Xh, yh = held_out.tensors
+    X, y = (t.to(device) for t in train.tensors)
+    Xh, yh = (t.to(device) for t in held_out.tensors)
     torch.manual_seed(seed)
-    model = build_model(problem.model, num_classes=classes, in_channels=X.shape[1])
+    model = build_model(problem.model, num_classes=classes, in_channels=X.shape[1]).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer = build(setting, model, hyper)
-    device = torch.device("cpu")
     baseline = current_bytes(device)
     reset_peak(device)
     batches_per_epoch = len(X) // problem.batch_size
@@ -179,7 +183,7 @@ def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: i
             if seconds >= budget or diverged:
                 break
         if steps % batches_per_epoch == 0:
-            perm = torch.randperm(len(X), generator=order)
+            perm = torch.randperm(len(X), generator=order).to(device)
         index = perm[(steps % batches_per_epoch) * problem.batch_size:][: problem.batch_size]
         start = time.perf_counter()
         xb, yb = X[index], y[index]
@@ -187,7 +191,7 @@ def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: i
         loss = _loss(problem, model(xb), yb)
         loss.backward()
         optimizer.step()
-        value = loss.item()
+        value = loss.item()  # (on a GPU: waits for the step, so the clock times it)
         seconds += time.perf_counter() - start
         steps += 1
         losses.append(value)
@@ -201,9 +205,10 @@ def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: i
             "first_loss": first_loss, "worst_loss_window": worst_window}
 
 
-def _key(problem: str, optimizer: str, hyper: dict[str, Any], split: str, seed: int, budget: float) -> str:
+def _key(problem: str, optimizer: str, hyper: dict[str, Any], split: str, seed: int, budget: float,
+         device: str = "cpu") -> str:
     point = "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(hyper.items()))
-    return f"{problem}-{optimizer}-{point or 'preset'}-{split}-s{seed}-{budget:g}s"
+    return f"{problem}-{optimizer}-{point or 'preset'}-{split}-s{seed}-{budget:g}s" + ("" if device == "cpu" else f"-{device}")
 
 
 def _cached_run(out: Path, fresh: bool, key: str, run) -> dict[str, Any]:
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="final-run seeds (0 1 2)")
     parser.add_argument("--data-dir", default=None, help="the data set's folder (default: the package's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when there is one)")
     parser.add_argument("--out", default=None, help="output folder (results/benchmark/<problem>)")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that are kept in <out>/runs")
     parser.add_argument("--tune-only", action="store_true", help="stop after the tuning (prints the chosen points)")
@@ -334,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     out = Path(args.out or f"results/benchmark/{args.problem}{'_quick' if args.quick else ''}")
     torch.set_num_threads(args.threads)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         load_data(problem.data, args.data_dir, split="valid" if not args.quick else "test")
     except DataError as err:
@@ -351,9 +358,9 @@ def main(argv: list[str] | None = None) -> None:
         scores = {}
         for point in points:
             bar.set_postfix_str(f"tuning {name} {point}")
-            result = _cached_run(out, args.fresh, _key(args.problem, name, point, "valid", 0, args.tune_budget),
+            result = _cached_run(out, args.fresh, _key(args.problem, name, point, "valid", 0, args.tune_budget, device),
                                  lambda: train_run(problem, SETTINGS[name], point, 0, args.tune_budget, "valid",
-                                                   args.tune_budget, args.data_dir))
+                                                   args.tune_budget, args.data_dir, device))
             scores[json.dumps(point)] = score(problem, result)
             bar.update(1)
         chosen[name] = json.loads(max(scores, key=scores.get))
@@ -367,9 +374,9 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for seed in seeds:
             bar.set_postfix_str(f"{name} seed {seed}")
-            runs.append(_cached_run(out, args.fresh, _key(args.problem, name, chosen[name], "test", seed, budget),
+            runs.append(_cached_run(out, args.fresh, _key(args.problem, name, chosen[name], "test", seed, budget, device),
                                     lambda: train_run(problem, SETTINGS[name], chosen[name], seed, budget, "test",
-                                                      eval_every, args.data_dir)))
+                                                      eval_every, args.data_dir, device)))
             bar.update(1)
         rows.append(summarize(problem, name, chosen[name], runs))
         curves[name] = [r["curve"] for r in runs]
