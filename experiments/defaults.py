@@ -34,7 +34,7 @@ RUNS = {
                                                    inverse_method="eigh", max_factor_dim=None,
                                                    warn_unsupported=False), 0.01),
     "SINGD README values": (
-        lambda m, ps: kfac_tn.SINGD(m, lr=0.03, T=10, kfac_approx="reduce", max_dense_dim=1024,
+        lambda m, ps: kfac_tn.SINGD(m, lr=0.03, damping=0.1, T=10, kfac_approx="reduce", max_dense_dim=1024,
                                     warn_unsupported=False), 0.03),
 }
 
