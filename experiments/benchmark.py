@@ -175,6 +175,7 @@ def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: i
     curve, seconds, steps, diverged = [], 0.0, 0, False
     losses: list[float] = []
     window, worst_window = [], 0.0  # the training loss's running mean over 10 steps, and its maximum
+    first_loss = math.nan
     next_eval = 0.0
     while True:
         if seconds >= next_eval or seconds >= budget or diverged:
@@ -214,11 +215,12 @@ def _key(problem: str, optimizer: str, hyper: dict[str, Any], split: str, seed: 
     return f"{problem}-{optimizer}-{point or 'preset'}-{split}-s{seed}-{budget:g}s" + ("" if device == "cpu" else f"-{device}")
 
 
-def _cached_run(out: Path, fresh: bool, key: str, run) -> dict[str, Any]:
+def _cached_run(out: Path, fresh: bool, key: str, *args: Any) -> dict[str, Any]:
+    """``train_run(*args)``, or its result kept under ``<out>/runs/<key>.json``."""
     path = out / "runs" / f"{key}.json"
     if path.is_file() and not fresh:
         return json.loads(path.read_text())
-    result = run()
+    result = train_run(*args)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     return result
@@ -362,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         for point in points:
             bar.set_postfix_str(f"tuning {name} {point}")
             result = _cached_run(out, args.fresh, _key(args.problem, name, point, "valid", 0, args.tune_budget, device),
-                                 lambda: train_run(problem, SETTINGS[name], point, 0, args.tune_budget, "valid",
-                                                   args.tune_budget, args.data_dir, device))
+                                 problem, SETTINGS[name], point, 0, args.tune_budget, "valid", args.tune_budget,
+                                 args.data_dir, device)
             scores[json.dumps(point)] = score(problem, result)
             bar.update(1)
         chosen[name] = json.loads(max(scores, key=scores.get))
@@ -378,8 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:
             bar.set_postfix_str(f"{name} seed {seed}")
             runs.append(_cached_run(out, args.fresh, _key(args.problem, name, chosen[name], "test", seed, budget, device),
-                                    lambda: train_run(problem, SETTINGS[name], chosen[name], seed, budget, "test",
-                                                      eval_every, args.data_dir, device)))
+                                    problem, SETTINGS[name], chosen[name], seed, budget, "test", eval_every,
+                                    args.data_dir, device))
             bar.update(1)
         rows.append(summarize(problem, name, chosen[name], runs))
         curves[name] = [r["curve"] for r in runs]

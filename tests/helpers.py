@@ -54,3 +54,31 @@ def destroy_process_group() -> None:
     gc.collect()
     time.sleep(0.1)  # releases the GIL: the worker threads finish destroying their work
     dist.destroy_process_group()
+
+
+def kfac_test_model() -> nn.Module:
+    """float64 Conv2d + grouped ConvTranspose2d + Linear (A of 28, 9 per group and 201 rows;
+    G of 4, 1 and 5), seeded: the KFAC tests' network."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(4, 2, 2, stride=2, groups=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * 10 * 10, 5),
+    ).double()
+
+
+def kfac_test_batch(seed: int = 1) -> tuple[Tensor, Tensor]:
+    """A float64 batch ``[6, 3, 5, 5]`` and 5-class labels for :func:`kfac_test_model`."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 5, (6,), generator=gen)
+
+
+def block_mask(d: int, max_dim: int | None) -> Tensor:
+    """``[d, d]`` bool: the entries inside the documented diagonal blocks of a factor with
+    ``d`` rows under ``max_factor_dim = max_dim`` (``n = ⌈d / max⌉`` blocks of ``⌈d / n⌉``, the
+    last one shorter; all true for ``None`` or ``d ≤ max``)."""
+    if max_dim is None or d <= max_dim:
+        return torch.ones(d, d, dtype=torch.bool)
+    n = -(-d // max_dim)
+    which = torch.arange(d) // -(-d // n)
+    return which[:, None] == which[None, :]

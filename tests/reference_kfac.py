@@ -11,6 +11,7 @@ steps.
 from __future__ import annotations
 
 import torch
+from helpers import block_mask
 from torch import Tensor, nn
 
 import kfac_tn
@@ -64,14 +65,8 @@ class ReferenceKFAC:
         self.steps = 0
 
     def _masked(self, F: Tensor) -> Tensor:
-        """``F`` with the entries outside its diagonal blocks set to 0 (``max_factor_dim``:
-        ``n = ⌈d / max⌉`` blocks of ``⌈d / n⌉``, the last one shorter)."""
-        d = F.shape[-1]
-        if self.max_factor_dim is None or d <= self.max_factor_dim:
-            return F
-        n = -(-d // self.max_factor_dim)
-        which = torch.arange(d) // -(-d // n)
-        return torch.where(which[:, None] == which[None, :], F, 0.0)
+        """``F`` with the entries outside its diagonal blocks (``max_factor_dim``) set to 0."""
+        return torch.where(block_mask(F.shape[-1], self.max_factor_dim), F, 0.0)
 
     def step(self, X: Tensor, y: Tensor) -> None:
         """One step on the batch ``(X, y)`` with the mean cross-entropy loss."""

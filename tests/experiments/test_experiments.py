@@ -182,7 +182,7 @@ def test_every_shipped_config_is_valid():
             for data in datasets:
                 overrides = [f"model={model}", f"optimizer.name={optimizer}", f"data.name={data}"]
                 if getattr(MODELS[model], "variational", False):
-                    with pytest.raises(ConfigError, match="experiments.benchmark --problem fmnist_vae"):
+                    with pytest.raises(ConfigError, match=r"experiments\.benchmark --problem fmnist_vae"):
                         load_config(None, overrides)
                     continue
                 if getattr(MODELS[model], "dense_prediction", False) != (data in DENSE_DATASETS):

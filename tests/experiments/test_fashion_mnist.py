@@ -56,11 +56,11 @@ def test_the_training_images_split_once_into_train_and_valid(tmp_path):
 
 
 def test_missing_or_broken_fashion_mnist_says_how_to_get_it(tmp_path):
-    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist.*data.data_dir"):
+    with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist.*data\.data_dir"):
         load_data("fashion_mnist", str(tmp_path / "nowhere"))
     folder = write_fashion_mnist(tmp_path / "f")
     (folder / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.*apt-get install"):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.*apt-get install"):
         load_data("fashion_mnist", str(folder))
     (folder / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 40) + bytes(39))
     with pytest.raises(DataError, match="header says"):
@@ -157,5 +157,5 @@ def test_train_script_takes_fashion_mnist_and_rejects_the_vae(tmp_path):
     assert len(history) == 1 and 0 <= history[0]["test_acc"] <= 1
     path = tmp_path / "vae.yaml"
     path.write_text("model: fmnist_vae\ndata: {name: fashion_mnist_images}\noptimizer: {name: kfac}\n")
-    with pytest.raises(ConfigError, match="experiments.benchmark --problem fmnist_vae"):
+    with pytest.raises(ConfigError, match=r"experiments\.benchmark --problem fmnist_vae"):
         load_config(str(path), [])

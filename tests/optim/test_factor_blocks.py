@@ -1,18 +1,23 @@
 """Block-diagonal factors (``max_factor_dim``): the layout's operations against
-``torch.block_diag`` and masked dense matrices, and KFAC's step against the damped
-Kronecker solve of the masked factors (factors from :func:`kfac_tn.kfac_factors`)."""
+``torch.block_diag`` and masked dense matrices, and a resumed KFAC run against a literal
+KFAC on masked factors (the single step: tests/optim/test_kfac.py)."""
 
 import io
-import math
 
 import pytest
 import torch
+from helpers import block_mask, kfac_test_batch, kfac_test_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import kfac_tn
-from kfac_tn.factors import grad_output_factor, grad_output_factor_blocks, input_factor, input_factor_blocks
+from kfac_tn.factors import (
+    grad_output_factor,
+    grad_output_factor_blocks,
+    input_factor,
+    input_factor_blocks,
+)
 from kfac_tn.optim.factor_blocks import (
     block_layout,
     diagonal_blocks,
@@ -21,16 +26,6 @@ from kfac_tn.optim.factor_blocks import (
     padded_blocks,
     trace_mean,
 )
-from kfac_tn.optim.weight_blocks import matrix_blocks
-
-
-def block_mask(d: int, max_dim: int) -> torch.Tensor:
-    """``[d, d]`` bool: entries inside the documented diagonal blocks (``n = ⌈d / max⌉``
-    blocks of ``⌈d / n⌉``, the last one shorter)."""
-    n = math.ceil(d / max_dim)
-    size = math.ceil(d / n)
-    which = torch.arange(d) // size
-    return which[:, None] == which[None, :]
 
 
 def _psd(d, gen):
@@ -82,57 +77,7 @@ def test_factor_blocks_from_the_kernels_are_the_dense_factors_blocks(layer, x_sh
         torch.testing.assert_close(blocks, diagonal_blocks(dense, n, size))
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(4, 2, 2, stride=2, groups=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(2 * 10 * 10, 5),
-    ).double()
-
-
-def _data(seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(6, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 5, (6,), generator=gen)
-
-
-@pytest.mark.parametrize("max_factor_dim", [3, 10])
-@pytest.mark.parametrize("method", ["eigh", "cholesky"])
-@pytest.mark.parametrize("approx", ["expand", "reduce"])
-@pytest.mark.parametrize("pi_damping", [False, True])
-def test_blocked_step_is_the_damped_kronecker_solve_of_the_masked_factors(max_factor_dim, method, approx,
-                                                                         pi_damping):
-    """Layers' A of 28, 9 (per group) and 201, G of 4, 1 and 5: with bound 3 every factor
-    but the 1-dim G is split (201 into 67 blocks of 3, 5 into 3 + 2 with padding), with 10
-    the A of 28 and 201 only (28 = 10 + 10 + 8, 201 = 20 blocks of 10 + 1)."""
-    model = _model()
-    X, y = _data()
-    lr, damping = 0.1, 1e-2
-    factors = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), X, y, approx=approx, fisher="empirical")
-    start = {n: [p.detach().clone() for p in model.get_submodule(n).parameters()] for n in factors}
-    opt = kfac_tn.KFAC(model, lr=lr, momentum=0.0, damping=damping, ema_decay=0.0, inverse_method=method,
-                       inverse_dtype=torch.float64, kfac_approx=approx, pi_damping=pi_damping, kl_clip=None,
-                       max_factor_dim=max_factor_dim)
-    opt.zero_grad()
-    nn.functional.cross_entropy(model(X), y).backward()
-    grads = {n: [p.grad.clone() for p in model.get_submodule(n).parameters()] for n in factors}
-    opt.step()
-    for name, (A, G) in factors.items():
-        module = model.get_submodule(name)
-        V = matrix_blocks(module, *grads[name], False)
-        moved = [(a - b) / lr for a, b in zip(matrix_blocks(module, *start[name], False),
-                                              matrix_blocks(module, *[p.detach() for p in module.parameters()], False))]
-        d_A, d_G = A.shape[-1], G.shape[-1]
-        for b in range(A.shape[0]):
-            pi = 1.0
-            if pi_damping and G[b].trace() > 0:  # π of the whole factors (their traces keep every block)
-                pi = ((A[b].trace() / d_A) / (G[b].trace() / d_G)).sqrt()
-            A_b = torch.where(block_mask(d_A, max_factor_dim), A[b], 0.0) + pi * damping**0.5 * torch.eye(d_A)
-            G_b = torch.where(block_mask(d_G, max_factor_dim), G[b], 0.0) + damping**0.5 / pi * torch.eye(d_G)
-            expected = torch.linalg.solve(torch.kron(G_b, A_b), V[b].flatten()).reshape(V[b].shape)
-            torch.testing.assert_close(moved[b], expected)
-    assert opt.kfac_state["5"]["A"].shape == (1, 21 if max_factor_dim == 10 else 67, 10 if max_factor_dim == 10 else 3,
-                                              10 if max_factor_dim == 10 else 3)
+_model, _data = kfac_test_model, kfac_test_batch
 
 
 def test_describe_names_every_layer_and_how_its_factors_are_kept():

@@ -4,37 +4,32 @@ import copy
 
 import pytest
 import torch
-from helpers import flat_parameters, watch_layer
+from helpers import block_mask, flat_parameters, kfac_test_batch, kfac_test_model, watch_layer
 from torch import nn
 
 import kfac_tn
 
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(4, 2, 2, stride=2, groups=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(2 * 10 * 10, 5),
-    ).double()
+_model, _data = kfac_test_model, kfac_test_batch
 
 
-def _data():
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(6, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 5, (6,), generator=gen)
-
-
+@pytest.mark.parametrize("max_factor_dim", [None, 3, 10])
 @pytest.mark.parametrize("method", ["eigh", "cholesky"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("pi_damping", [False, True])
-def test_step_is_the_damped_kronecker_solve(method, approx, pi_damping):
+def test_step_is_the_damped_kronecker_solve(method, approx, pi_damping, max_factor_dim):
+    """One step is ``((G + δ_G I) ⊗ (A + δ_A I))⁻¹ vec V`` with the factors of
+    :func:`kfac_tn.kfac_factors`; with ``max_factor_dim`` the factors are masked to their
+    diagonal blocks first (π from the whole traces). The layers' A have 28, 9 (per group) and
+    201 rows, their G 4, 1 and 5: bound 3 splits every factor but the 1-row G (201 into 67
+    blocks of 3, 5 into 3 + 2 with padding), bound 10 the A of 28 (10 + 10 + 8) and 201."""
     model = _model()
     X, y = _data()
     lr, damping = 0.1, 1e-2
     factors = kfac_tn.kfac_factors(model, nn.CrossEntropyLoss(), X, y, approx=approx, fisher="empirical")
-    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in model.named_children() if n in factors}
+    start = {n: [p.detach().clone() for p in model.get_submodule(n).parameters()] for n in factors}
     opt = kfac_tn.KFAC(model, lr=lr, momentum=0.0, damping=damping, ema_decay=0.0, inverse_method=method,
-                       inverse_dtype=torch.float64, kfac_approx=approx, pi_damping=pi_damping, kl_clip=None)
+                       inverse_dtype=torch.float64, kfac_approx=approx, pi_damping=pi_damping, kl_clip=None,
+                       max_factor_dim=max_factor_dim)
     opt.zero_grad()
     nn.functional.cross_entropy(model(X), y).backward()
     grads = {n: [p.grad.clone() for p in model.get_submodule(n).parameters()] for n in factors}
@@ -43,20 +38,20 @@ def test_step_is_the_damped_kronecker_solve(method, approx, pi_damping):
 
     for name, (A, G) in factors.items():
         module = model.get_submodule(name)
-        bias = grads[name][1] if module.bias is not None else None
-        V = matrix_blocks(module, grads[name][0], bias, False)
-        after = matrix_blocks(module, *[p.detach() for p in module.parameters()], False) if bias is not None else \
-            matrix_blocks(module, module.weight.detach(), None, False)
-        start = matrix_blocks(module, *before[name], False) if bias is not None else matrix_blocks(module, before[name][0], None, False)
+        V = matrix_blocks(module, *grads[name], False)
+        moved = [(a - b) / lr for a, b in zip(matrix_blocks(module, *start[name], False),
+                                              matrix_blocks(module, *[p.detach() for p in module.parameters()], False))]
+        d_A, d_G = A.shape[-1], G.shape[-1]
         for b in range(A.shape[0]):
             pi = 1.0
             if pi_damping and G[b].trace() > 0:  # a dead block (G = 0) keeps π = 1
-                pi = ((A[b].trace() / A.shape[-1]) / (G[b].trace() / G.shape[-1])).sqrt()
-            dA, dG = pi * damping**0.5, damping**0.5 / pi
-            curvature = torch.kron(G[b] + dG * torch.eye(G.shape[-1], dtype=A.dtype),
-                                   A[b] + dA * torch.eye(A.shape[-1], dtype=A.dtype))
-            expected = torch.linalg.solve(curvature, V[b].flatten()).reshape(V[b].shape)
-            torch.testing.assert_close((start[b] - after[b]) / lr, expected)
+                pi = ((A[b].trace() / d_A) / (G[b].trace() / d_G)).sqrt()
+            A_b = torch.where(block_mask(d_A, max_factor_dim), A[b], 0.0) + pi * damping**0.5 * torch.eye(d_A)
+            G_b = torch.where(block_mask(d_G, max_factor_dim), G[b], 0.0) + damping**0.5 / pi * torch.eye(d_G)
+            expected = torch.linalg.solve(torch.kron(G_b, A_b), V[b].flatten()).reshape(V[b].shape)
+            torch.testing.assert_close(moved[b], expected)
+    blocks = {None: (1, 201, 201), 3: (1, 67, 3, 3), 10: (1, 21, 10, 10)}[max_factor_dim]
+    assert opt.kfac_state["5"]["A"].shape == blocks
 
 
 def _train(model, opt, steps, data=None):
