@@ -52,7 +52,7 @@ from kfac_tn.optim.kfac_update import (
     INVERSE_KEYS,
     INVERSE_METHODS,
     absorb_,
-    invert,
+    invert_unchecked,
     kl_clip_,
     precondition,
 )
@@ -367,17 +367,28 @@ class KFAC(torch.optim.Optimizer):
             self._deferred.post(torch.stack(flags), report)
 
     # ------------------------------------------------------------- inverses
-    def _invert(self, name: str) -> None:
+    def _invert(self, name: str) -> Tensor | None:
+        """Invert layer ``name``'s damped factors; its Cholesky failure flags (or None)."""
         damping = self.param_groups[self._group_index[name]]["damping"]
         state = self.kfac_state[name]
         dims = block_dims(self.layers[name], self.group_average)
-        try:
-            state.update(invert(state["A"], state["G"], damping, self.pi_damping, self.inverse_method,
-                                self.inverse_dtype, dims))
-        except torch.linalg.LinAlgError as error:
-            raise torch.linalg.LinAlgError(
-                f"{error} for layer {name!r}: increase damping (now {damping}) or use inverse_method='eigh'."
-            ) from error
+        inverses, failed = invert_unchecked(state["A"], state["G"], damping, self.pi_damping, self.inverse_method,
+                                            self.inverse_dtype, dims)
+        state.update(inverses)
+        return failed
+
+    def _check_inversions(self, failures: dict[str, Tensor | None]) -> None:
+        """One host sync for all layers inverted by Cholesky in this step; an error naming
+        the first layer and factor that failed."""
+        flags = {name: f for name, f in failures.items() if f is not None}
+        if not flags or not bool(torch.stack(list(flags.values())).any()):
+            return
+        for name, f in flags.items():
+            if bool(f.any()):
+                damping = self.param_groups[self._group_index[name]]["damping"]
+                raise torch.linalg.LinAlgError(
+                    f"Cholesky of the damped {'A' if bool(f[0]) else 'G'} factor failed for layer {name!r}: "
+                    f"increase damping (now {damping}) or use inverse_method='eigh'.")
 
     def _update_inverses(self, force: bool) -> None:
         """Invert due factors, spread over rank groups if ``update_worker_fraction < 1``."""
@@ -385,16 +396,16 @@ class KFAC(torch.optim.Optimizer):
         due = [n for n, st in self.kfac_state.items() if "A" in st and (force or keys[0] not in st)]
         groups = worker_groups(self.update_worker_fraction) if is_distributed() else [[0]]
         if len(groups) == 1:
-            for name in due:
-                self._invert(name)
+            self._check_inversions({name: self._invert(name) for name in due})
             return
         costs = {n: float(sum(k * b**3 for k, b in self.factor_blocks[n])) for n, st in self.kfac_state.items()
                  if "A" in st}
         owners = assign_greedy(costs, len(groups))
         mine = next(i for i, members in enumerate(groups) if dist.get_rank() in members)
+        failures = {}
         for name in due:
             if owners[name] == mine:
-                self._invert(name)
+                failures[name] = self._invert(name)
             else:  # receive buffers of the right shape
                 A, G = self.kfac_state[name]["A"], self.kfac_state[name]["G"]
                 dt = self.inverse_dtype
@@ -402,6 +413,7 @@ class KFAC(torch.optim.Optimizer):
                           "A_inv": A.shape, "G_inv": G.shape}
                 for key in keys:
                     self.kfac_state[name][key] = torch.empty(shapes[key], dtype=dt, device=A.device)
+        self._check_inversions(failures)
         for index, members in enumerate(groups):
             tensors = [self.kfac_state[n][k] for n in due if owners[n] == index for k in keys]
             if tensors:

@@ -14,7 +14,8 @@ kept block-diagonal is ``[B, n, b, b]``, see :mod:`kfac_tn.optim.factor_blocks`)
 - KL clipping (:func:`kl_clip_`): directions scaled by ``ν = min(1, √(κ / |Σ lr² ⟨d, g⟩|))``.
 
 Every data-dependent scalar stays on the device (no host sync), except the check of a
-Cholesky factorization, which runs only where one is computed.
+Cholesky factorization, which runs only where one is computed (the optimizer checks all
+layers of an inversion step at once: one sync per ``inverse_update_freq`` steps).
 """
 
 from __future__ import annotations
@@ -80,12 +81,26 @@ def invert(
     by block; its results keep the block axis (``[B, n, b]``, ``[B, n, b, b]``).
 
     Raises ``torch.linalg.LinAlgError`` naming the factor if a Cholesky factorization fails
-    (one host sync, only for ``"cholesky"``).
+    (one host sync, only for ``"cholesky"``; :func:`invert_unchecked` leaves the check to
+    the caller, e.g. one for many layers).
     """
+    out, failed = invert_unchecked(A, G, damping, pi_damping, method, dtype, dims)
+    if failed is not None and bool(failed.any()):
+        raise torch.linalg.LinAlgError(f"Cholesky of the damped {'A' if bool(failed[0]) else 'G'} factor failed")
+    return out
+
+
+def invert_unchecked(
+    A: Tensor, G: Tensor, damping: float, pi_damping: bool, method: str, dtype: torch.dtype,
+    dims: tuple[int, int] | None = None,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """:func:`invert` without its host sync: the inverses and, for ``"cholesky"``, the
+    device flags ``[A failed, G failed]`` (``None`` for ``"eigh"``, which cannot fail so);
+    a failed factor's inverse is garbage and must not be used."""
     if method not in INVERSE_METHODS:
         raise ValueError(f"method must be one of {INVERSE_METHODS}, got {method!r}.")
     deltas = damping_split(A, G, damping, pi_damping, dims)
-    out = {}
+    out, failed = {}, []
     for name, M, delta in (("A", A, deltas[0]), ("G", G, deltas[1])):
         batch, batch_delta = _as_batch(M, delta)
         if method == "eigh":
@@ -94,12 +109,13 @@ def invert(
         else:
             eye = torch.eye(M.shape[-1], dtype=dtype, device=M.device)
             L, info = torch.linalg.cholesky_ex(batch.to(dtype) + batch_delta.to(dtype).unsqueeze(-1) * eye)
-            if bool((info > 0).any()):
-                raise torch.linalg.LinAlgError(f"Cholesky of the damped {name} factor failed")
+            bad = info > 0
+            failed.append(bad.any())
+            L = torch.where(bad.view(-1, 1, 1), eye, L)  # (cholesky_inverse would raise on a CPU)
             results = {f"{name}_inv": torch.cholesky_inverse(L).contiguous()}
         for key, value in results.items():
             out[key] = value.unflatten(0, M.shape[:2]) if is_blocked(M) else value
-    return out
+    return out, (torch.stack(failed) if failed else None)
 
 
 def precondition(inverse: dict[str, Tensor], blocks: list[Tensor], dtype: torch.dtype) -> list[Tensor]:

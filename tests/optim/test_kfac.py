@@ -428,3 +428,32 @@ def test_a_state_saved_with_eigh_continues_with_cholesky_inverses():
     assert "Q_A" not in opt.kfac_state["5"] and "A_inv" in opt.kfac_state["5"]
     for p, q in zip(model.parameters(), whole.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_cholesky_inversions_of_all_layers_cost_one_host_sync():
+    """The Cholesky factorizations of all layers a step inverts (3 layers, 6 factors) are
+    checked with one ``_local_scalar_dense`` more than a step without inversions takes (on a
+    CPU that one reads the previous step's skip flags from their host copy, which on CUDA
+    is no device sync: tests/test_cuda.py)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Syncs.count += func.overloadpacket.__name__ == "_local_scalar_dense"
+            return func(*args, **(kwargs or {}))
+
+    model = _model()
+    opt = kfac_tn.KFAC(model, lr=0.05, inverse_update_freq=2)
+    X, y = _data()
+    per_step = []
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        Syncs.count = 0
+        with Syncs():
+            opt.step()
+        per_step.append(Syncs.count)
+    base = per_step[1]
+    assert base <= 1 and per_step == [base + 1, base, base + 1, base]
