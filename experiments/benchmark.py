@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
             scores[json.dumps(point)] = score(problem, result)
             bar.update(1)
         chosen[name] = json.loads(max(scores, key=scores.get))
+        if all(v == -math.inf for v in scores.values()):
+            bar.write(f"{name}: every grid point diverged; its final runs use the first ({chosen[name]})")
         bar.write(f"{name}: " + ", ".join(f"{p} {v:.4f}" for p, v in sorted(scores.items(), key=lambda kv: -kv[1])))
     if args.tune_only:
         bar.close()

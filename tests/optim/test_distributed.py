@@ -46,7 +46,7 @@ def _optimizer(name, model):
                             shard_preconditioner="shard" in name)
     if name.startswith("shard"):  # one process: sharding has no effect (the reference run)
         structures = ("diagonal", "dense") if "diag" in name else ("dense", "dense")
-        return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=structures, alpha1=0.5,
+        return kfac_tn.SINGD(model, lr=0.05, lr_cov=0.1, T=2, structures=structures, alpha1=0.3,
                              kfac_approx="expand" if "expand" in name else "reduce", shard_preconditioner=True)
     structures = {"singd_dense": ("dense", "dense"), "singd_diag": ("diagonal", "dense"),
                   "singd_greedy": ("dense", "dense")}[name]

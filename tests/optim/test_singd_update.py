@@ -106,7 +106,7 @@ def test_update_pairs_skips_blocks_with_non_finite_statistics_and_steps_with_bad
     other block is updated. With ``ok`` false no block changes."""
     cls, dtype = STRUCTURES[structure], DTYPES[structure]
     gen = torch.Generator().manual_seed(4)
-    hyper = dict(grad_unscaling=1.0, damping=1e-3, kfac_like=False, alpha1=0.5, beta=0.1, scale=0.5, normalize=False)
+    hyper = dict(grad_unscaling=1.0, damping=1e-3, kfac_like=False, alpha1=0.3, beta=0.1, scale=0.6, normalize=False)
     dims = torch.tensor([(d_K, d_C, d_K, d_C) for d_K, d_C in DIMS], dtype=dtype)
     for ok in (True, False):
         pairs = []
