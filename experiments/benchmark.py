@@ -4,12 +4,13 @@
     python -m experiments.benchmark --problem fmnist_2c2d --quick    # a few minutes, no tuning
     python -m experiments.benchmark --problem fmnist_vae --optimizers adam kfac
 
-For every optimizer: its learning rate (and damping, for second-order ones) is tuned on a
+For every optimizer: its learning rate (and damping or KL clip, for second-order ones) is tuned on a
 short log grid, each point trained for ``--tune-budget`` seconds (seed 0) and scored on
 the validation images carved from the training set; the best point then trains with each
 of ``--seeds`` for ``--budget`` seconds of training time (evaluation excluded), evaluated
 on the test set every ``--eval-every`` seconds. Reported per optimizer: wall-clock and
-epochs until a test accuracy is first reached (``--targets``; for the VAE: test losses),
+epochs until a test accuracy is first reached (each problem's ``targets``; for the VAE: test
+losses),
 the best test metric within the budget, seconds per step and the peak memory above the
 process's resident size before the run. Writes ``<out>/summary.{csv,json}``,
 ``<out>/curves.json`` and ``<out>/curves.png`` (test metric against seconds and against

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 from pathlib import Path
 
@@ -140,9 +141,7 @@ def read_idx(path: Path) -> torch.Tensor:
     if ndim == 0 or len(data) < header:
         raise DataError(f"idx file {path} is truncated in its header.")
     shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    count = 1
-    for n in shape:
-        count *= n
+    count = math.prod(shape)
     if len(data) - header != count:
         raise DataError(f"idx file {path}: its header says {shape} ({count} bytes) but {len(data) - header} follow.")
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from kfac_tn.capture import supported_layers
+from kfac_tn.optim.validation import one_of, positive_int
 from kfac_tn.optim.weight_blocks import block_dims
 
 #: structures cheap enough for any dimension (memory and time linear in it)
@@ -46,10 +47,8 @@ def budget_groups(
         argument applies); then one group per larger layer with ``"structures"`` and
         ``"layers"`` (its name). Groups without parameters are left out.
     """
-    if isinstance(max_dense_dim, bool) or not isinstance(max_dense_dim, int) or max_dense_dim < 1:
-        raise ValueError(f"max_dense_dim must be a positive integer, got {max_dense_dim!r}.")
-    if large_structure not in LINEAR_COST_STRUCTURES:
-        raise ValueError(f"large_structure must be one of {LINEAR_COST_STRUCTURES}, got {large_structure!r}.")
+    positive_int("max_dense_dim", max_dense_dim)
+    one_of("large_structure", large_structure, LINEAR_COST_STRUCTURES)
     within: list[nn.Parameter] = []
     groups: list[dict[str, Any]] = []
     for name, layer in supported_layers(model).items():

@@ -56,8 +56,8 @@ def test_singd_on_budget_groups_matches_stock_on_the_same_groups(large):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(max_dense_dim=0), "max_dense_dim must be a positive integer"),
-    (dict(max_dense_dim=True), "max_dense_dim must be a positive integer"),
+    (dict(max_dense_dim=0), "max_dense_dim must be an integer >= 1"),
+    (dict(max_dense_dim=True), "max_dense_dim must be an integer >= 1"),
     (dict(max_dense_dim=8, large_structure="dense"), "large_structure must be one of"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
