@@ -72,11 +72,18 @@ PROBLEMS = {
 @dataclass(frozen=True)
 class Setting:
     """An optimizer of :mod:`experiments.optimizers` (``name``; ``adam``: torch's Adam) with
-    fixed arguments and a tuning grid (``grid[key]``: candidate values, the first the preset)."""
+    fixed arguments and a tuning grid (``grid[key]``: candidate values, the first the preset).
+    ``schedule="cosine"``: every group's learning rate decays as ``lr·(1 + cos(π·progress))/2``,
+    progress the run's fraction of its budget (of its epochs, or else of its seconds)."""
 
     name: str
     fixed: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    schedule: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in (None, "cosine"):
+            raise ValueError(f"schedule must be None or 'cosine', got {self.schedule!r}")
 
 
 _SINGD_LR = (0.1, 0.03, 0.3)  # SGD-like learning rates (momentum 0.9): SINGD starts from K = C = I
@@ -109,6 +116,10 @@ SETTINGS = {
     # the defaults with looser KL clips: the bound lr²⟨d, g⟩ ≤ κ scales with the loss (a VAE's
     # loss sums 784 pixels), so a clip tuned on a classifier can hold a step back elsewhere
     "kfac_kl_clip": Setting("kfac", {}, {"kl_clip": (0.1, 1.0), "lr": (0.003, 0.01)}),
+    # budget-aware runs (run them with --epochs): cosine decay to zero over the budget, and for
+    # KFAC an L2 penalty that acts after preconditioning (lr·wd per step, like SGD's 0.1·5e-4)
+    "adam_cosine": Setting("adam", {}, {"lr": (1e-3, 3e-3)}, schedule="cosine"),
+    "kfac_cosine": Setting("kfac", {}, {"weight_decay": (0.0, 1e-2)}, schedule="cosine"),
 }
 QUICK_OPTIMIZERS = ("sgd", "momentum", "adam", "kfac_defaults", "singd_dense_reduce")
 
@@ -155,9 +166,10 @@ def _data(name: str, data_dir: str | None, split: str):
 
 
 def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: int, budget: float,
-              split: str, eval_every: float, data_dir: str | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Train for ``budget`` seconds of step time on ``device`` (the data set lives there
-    whole); the curve of the held-out ``split``."""
+              split: str, eval_every: float, data_dir: str | None = None, device: str = "cpu",
+              epochs: float | None = None) -> dict[str, Any]:
+    """Train for ``budget`` seconds of step time (or for ``epochs`` epochs, when given) on
+    ``device`` (the data set lives there whole); the curve of the held-out ``split``."""
     device = torch.device(device)
     train, held_out, classes = _data(problem.data, data_dir, split)
     X, y = (t.to(device) for t in train.tensors)
@@ -172,6 +184,8 @@ def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: i
     batches_per_epoch = len(X) // problem.batch_size
     if batches_per_epoch == 0:
         raise DataError(f"{problem.data} has {len(X)} training samples, fewer than one batch of {problem.batch_size}.")
+    max_steps = math.inf if epochs is None else max(1, round(epochs * batches_per_epoch))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # Combined: every inner optimizer's
     order = torch.Generator().manual_seed(seed)
     curve, seconds, steps, diverged = [], 0.0, 0, False
     losses: list[float] = []
@@ -179,17 +193,22 @@ def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: i
     first_loss = math.nan
     next_eval = 0.0
     while True:
-        if seconds >= next_eval or seconds >= budget or diverged:
+        done = seconds >= budget or steps >= max_steps
+        if seconds >= next_eval or done or diverged:
             point = evaluate(problem, model, Xh, yh)
             curve.append({"seconds": seconds, "step": steps, "epoch": steps / batches_per_epoch,
                           "train_loss": statistics.fmean(losses) if losses else float("nan"), **point})
             losses = []
             next_eval += eval_every
-            if seconds >= budget or diverged:
+            if done or diverged:
                 break
         if steps % batches_per_epoch == 0:
             perm = torch.randperm(len(X), generator=order).to(device)
         index = perm[(steps % batches_per_epoch) * problem.batch_size:][: problem.batch_size]
+        if setting.schedule == "cosine":
+            progress = steps / max_steps if epochs is not None else min(seconds / budget, 1.0)
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * (1 + math.cos(math.pi * progress)) / 2
         start = time.perf_counter()
         xb, yb = X[index], y[index]
         optimizer.zero_grad()
@@ -211,9 +230,10 @@ def train_run(problem: Problem, setting: Setting, hyper: dict[str, Any], seed: i
 
 
 def _key(problem: str, optimizer: str, hyper: dict[str, Any], split: str, seed: int, budget: float,
-         device: str = "cpu") -> str:
+         device: str = "cpu", epochs: float | None = None) -> str:
     point = "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(hyper.items()))
-    return f"{problem}-{optimizer}-{point or 'preset'}-{split}-s{seed}-{budget:g}s" + ("" if device == "cpu" else f"-{device}")
+    length = f"{budget:g}s" if epochs is None else f"{epochs:g}ep"
+    return f"{problem}-{optimizer}-{point or 'preset'}-{split}-s{seed}-{length}" + ("" if device == "cpu" else f"-{device}")
 
 
 def _cached_run(out: Path, fresh: bool, key: str, *args: Any) -> dict[str, Any]:
@@ -329,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"default: all (quick: {' '.join(QUICK_OPTIMIZERS)})")
     parser.add_argument("--quick", action="store_true", help="no tuning, one seed, 20 s budget")
     parser.add_argument("--budget", type=float, default=None, help="seconds of training per final run (150)")
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="epochs per final run, instead of --budget's seconds (its cosine schedules span them)")
     parser.add_argument("--tune-budget", type=float, default=30.0, help="seconds of training per tuning run")
     parser.add_argument("--eval-every", type=float, default=None, help="seconds between evaluations (10)")
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="final-run seeds (0 1 2)")
@@ -339,9 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="retrain runs that are kept in <out>/runs")
     parser.add_argument("--tune-only", action="store_true", help="stop after the tuning (prints the chosen points)")
     args = parser.parse_args(argv)
+    if args.epochs is not None and (args.budget is not None or args.epochs <= 0):
+        parser.error("--epochs takes a positive number of epochs and replaces --budget")
     problem = PROBLEMS[args.problem]
     names = args.optimizers or list(QUICK_OPTIMIZERS if args.quick else SETTINGS)
-    budget = args.budget or (20.0 if args.quick else 150.0)
+    budget = math.inf if args.epochs else args.budget or (20.0 if args.quick else 150.0)
     eval_every = args.eval_every or (5.0 if args.quick else 10.0)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     out = Path(args.out or f"results/benchmark/{args.problem}{'_quick' if args.quick else ''}")
@@ -382,16 +406,16 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for seed in seeds:
             bar.set_postfix_str(f"{name} seed {seed}")
-            runs.append(_cached_run(out, args.fresh, _key(args.problem, name, chosen[name], "test", seed, budget, device),
-                                    problem, SETTINGS[name], chosen[name], seed, budget, "test", eval_every,
-                                    args.data_dir, device))
+            key = _key(args.problem, name, chosen[name], "test", seed, budget, device, args.epochs)
+            runs.append(_cached_run(out, args.fresh, key, problem, SETTINGS[name], chosen[name], seed, budget,
+                                    "test", eval_every, args.data_dir, device, args.epochs))
             bar.update(1)
         rows.append(summarize(problem, name, chosen[name], runs))
         curves[name] = [r["curve"] for r in runs]
     bar.close()
     print_table(problem, rows)
     write_rows(rows, out / "summary")
-    (out / "curves.json").write_text(json.dumps({"problem": args.problem, "budget": budget, "seeds": seeds,
+    (out / "curves.json").write_text(json.dumps({"problem": args.problem, "budget": None if args.epochs else budget, "epochs": args.epochs, "seeds": seeds,
                                                  "chosen": chosen, "curves": curves}))
     plot(problem, curves, out / "curves.png")
     print(f"wrote {out / 'summary.csv'}, {out / 'summary.json'}, {out / 'curves.json'} and {out / 'curves.png'}")

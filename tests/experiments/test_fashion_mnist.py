@@ -3,6 +3,7 @@ benchmark, on tiny idx files written here (the suite needs no data package)."""
 
 import gzip
 import json
+import math
 import struct
 
 import pytest
@@ -159,3 +160,30 @@ def test_train_script_takes_fashion_mnist_and_rejects_the_vae(tmp_path):
     path.write_text("model: fmnist_vae\ndata: {name: fashion_mnist_images}\noptimizer: {name: kfac}\n")
     with pytest.raises(ConfigError, match=r"experiments\.benchmark --problem fmnist_vae"):
         load_config(str(path), [])
+
+
+def test_epoch_budget_stops_on_its_step_and_cosine_reaches_zero_at_the_end(tmp_path, monkeypatch):
+    """``epochs=``: the run ends after round(epochs · batches per epoch) steps, whatever the
+    seconds; a cosine schedule steps with lr·(1 + cos(π k/K))/2 at step k of K, every group."""
+    folder = write_fashion_mnist(tmp_path / "f", n_train=400)
+    batches = len(load_data("fashion_mnist", str(folder), split="test")[0]) // 128
+    problem = benchmark.PROBLEMS["fmnist_2c2d"]
+    setting = benchmark.Setting("sgd", {"momentum": 0.0}, schedule="cosine")
+    seen = []
+    build = benchmark.build
+
+    def recording_build(*args):
+        opt = build(*args)
+        step = opt.step
+        opt.step = lambda: (seen.append([g["lr"] for g in opt.param_groups]), step())
+        return opt
+
+    monkeypatch.setattr(benchmark, "build", recording_build)
+    result = benchmark.train_run(problem, setting, {"lr": 0.2}, 0, math.inf, "test", 1e9, str(folder), epochs=2.5)
+    K = round(2.5 * batches)
+    assert result["steps"] == K and len(seen) == K and len(result["curve"]) == 2  # start and end
+    assert batches >= 2 and result["curve"][-1]["epoch"] == pytest.approx(K / batches)
+    expected = [0.2 * (1 + math.cos(math.pi * k / K)) / 2 for k in range(K)]
+    assert all(lrs == pytest.approx([e] * len(lrs)) for lrs, e in zip(seen, expected))
+    with pytest.raises(ValueError, match="schedule"):
+        benchmark.Setting("sgd", schedule="linear")

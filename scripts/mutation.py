@@ -1,0 +1,210 @@
+"""Mutation check of kfac_tn with mutmut 3 (driven by ``scripts/mutation.sh``; not part of CI).
+
+mutmut mutates the modules ``[tool.mutmut] only_mutate`` names (pyproject.toml:
+``kfac_tn/factors`` and ``kfac_tn/optim``), runs the tests that cover each mutated function and
+calls a mutant *killed* when one of them fails. This script picks which mutants to run:
+
+- ``--sample N --seed S``: a fixed random sample of N mutants over all mutated modules;
+- ``--module kfac_tn/optim/kfac_update.py``: every mutant of one module;
+- ``--since REF``: every mutant of the functions whose lines changed since the commit REF
+  (``git diff REF``, uncommitted changes included).
+
+It then prints the per-module table (mutants, killed, survived, equivalent, other) and the
+survivors with their diffs, and writes ``<out>/report.json``. Mutants listed in
+``scripts/mutation_equivalent.txt`` (``name  # reason``) count as equivalent; a name there is
+tied to its function's current source (mutmut numbers the mutants of a function in order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import random
+import re
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTANTS = ROOT / "mutants"
+EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
+_NO_SUCH_MUTANT = "kfac_tn.__mutation_sh_generate_only__"
+_RESULT_LINE = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
+
+
+def mutmut(*args: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m mutmut ARGS`` in the repository root."""
+    out = subprocess.PIPE if quiet else None
+    proc = subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=ROOT, text=True,
+                          stdout=out, stderr=subprocess.STDOUT if quiet else None)
+    if check and proc.returncode != 0:
+        sys.exit(f"mutation.sh: `mutmut {' '.join(args[:3])} ...` failed (exit {proc.returncode})"
+                 + (f":\n{proc.stdout[-3000:]}" if quiet else ""))
+    return proc
+
+
+def generate() -> None:
+    """Let mutmut write the mutants and collect its test statistics (cached in mutants/).
+
+    mutmut has no generate-only command: a run filtered to a name that matches no mutant
+    generates, collects the statistics, then stops at its filter (its exit code is ignored).
+    """
+    proc = mutmut("run", _NO_SUCH_MUTANT, check=False, quiet=True)
+    if not (MUTANTS / "mutmut-stats.json").exists():
+        sys.exit(f"mutation.sh: mutmut did not collect its test statistics:\n{proc.stdout[-3000:]}")
+
+
+def all_mutants() -> dict[str, str]:
+    """Every generated mutant's name -> status (``mutmut results --all true``)."""
+    proc = mutmut("results", "--all", "true", quiet=True)
+    found = {}
+    for line in proc.stdout.splitlines():
+        match = _RESULT_LINE.match(line)
+        if match:
+            found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def module_of(name: str) -> str:
+    """``kfac_tn.optim.kfac.xǁKFACǁstep__mutmut_3`` -> ``kfac_tn/optim/kfac.py``."""
+    dotted = name.split(".x_")[0] if ".x_" in name else name.split(".xǁ")[0]
+    return dotted.replace(".", "/") + ".py"
+
+
+def function_of(name: str) -> str:
+    """The function a mutant lives in: ``step`` of ``KFAC`` -> ``KFAC.step``."""
+    tail = name.rsplit("__mutmut_", 1)[0].split(".")[-1]
+    return tail[2:] if tail.startswith("x_") else ".".join(tail[2:].split("ǁ"))
+
+
+def changed_functions(ref: str) -> set[tuple[str, str]]:
+    """(module, ``Class.method`` or ``function``) whose lines changed since ``ref``."""
+    diff = subprocess.run(["git", "diff", "-U0", ref, "--", "kfac_tn"], cwd=ROOT, text=True,
+                          capture_output=True, check=True).stdout
+    lines: dict[str, set[int]] = defaultdict(set)
+    path = None
+    for line in diff.splitlines():
+        if line.startswith("+++ "):
+            path = line[6:] if line.startswith("+++ b/") else None
+        elif line.startswith("@@") and path:
+            start, _, count = line.split("+", 1)[1].split(" ", 1)[0].partition(",")
+            first, n = int(start), int(count or 1)
+            lines[path].update(range(first, first + max(n, 1)))
+    touched = set()
+    for path, numbers in lines.items():
+        tree = ast.parse((ROOT / path).read_text())
+        for qualified, node in _functions(tree):
+            if numbers & set(range(node.lineno, node.end_lineno + 1)):
+                touched.add((path, qualified))
+    return touched
+
+
+def _functions(tree: ast.Module):
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield f"{node.name}.{item.name}", item
+
+
+def read_equivalent() -> dict[str, str]:
+    """``scripts/mutation_equivalent.txt``: mutant name -> why it cannot change behaviour."""
+    found = {}
+    for line in EQUIVALENT.read_text().splitlines() if EQUIVALENT.exists() else []:
+        name, _, reason = line.partition("#")
+        if name.strip():
+            found[name.strip()] = reason.strip()
+    return found
+
+
+def select(names: list[str], args: argparse.Namespace) -> list[str]:
+    """The mutants this run checks (sorted, so a seed always names the same ones)."""
+    names = sorted(names)
+    if args.module:
+        module = str(Path(args.module).as_posix())
+        chosen = [n for n in names if module_of(n) == module]
+        if not chosen:
+            sys.exit(f"mutation.sh: no mutants in {module}; is it under [tool.mutmut] only_mutate?")
+        return chosen
+    if args.since:
+        touched = changed_functions(args.since)
+        return [n for n in names if (module_of(n), function_of(n)) in touched]
+    return sorted(random.Random(args.seed).sample(names, min(args.sample, len(names))))
+
+
+def report(chosen: list[str], args: argparse.Namespace) -> dict:
+    """Print the per-module table and the survivors' diffs; return the report."""
+    status = all_mutants()
+    equivalent = read_equivalent()
+    table: dict[str, Counter] = defaultdict(Counter)
+    survivors = []
+    for name in chosen:
+        state = status.get(name, "not checked")
+        kind = ("equivalent" if name in equivalent and state != "killed" else
+                state if state in ("killed", "survived") else "other")
+        table[module_of(name)][kind] += 1
+        table[module_of(name)]["mutants"] += 1
+        if kind in ("survived", "other"):
+            survivors.append((name, state))
+    columns = ("mutants", "killed", "survived", "equivalent", "other")
+    total = sum(table.values(), Counter())
+    print(f"\n{'module':44s}" + "".join(f"{c:>11s}" for c in columns))
+    for module in sorted(table):
+        print(f"{module:44s}" + "".join(f"{table[module][c]:11d}" for c in columns))
+    print(f"{'all':44s}" + "".join(f"{total[c]:11d}" for c in columns))
+    scored = total["killed"] + total["survived"] + total["other"]
+    score = total["killed"] / scored if scored else float("nan")
+    print(f"\nkilled {total['killed']} of {scored} non-equivalent mutants: {score:.1%}"
+          " ('other': no covering test, timeout, crash of the run itself or not checked)")
+    for name, state in survivors:
+        print(f"\n# {name}: {state}")
+        print(mutmut("show", name, check=False, quiet=True).stdout.split("\n", 1)[-1].rstrip())
+    result = {"selection": vars(args), "score": score, "totals": dict(total),
+              "modules": {m: dict(c) for m, c in sorted(table.items())},
+              "survivors": [{"name": n, "status": s} for n, s in survivors],
+              "equivalent": {n: equivalent[n] for n in chosen if n in equivalent}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(f"\nreport: {args.out / 'report.json'}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sample", type=int, default=250, help="random mutants to check (250)")
+    mode.add_argument("--module", help="check every mutant of this file, e.g. kfac_tn/optim/kfac.py")
+    mode.add_argument("--since", metavar="REF", help="check the functions changed since REF")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (0)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel mutants (all cores)")
+    parser.add_argument("--report-only", action="store_true", help="report the last results")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "mutation")
+    args = parser.parse_args(argv)
+    if args.sample is not None and args.sample < 1:
+        parser.error("--sample must be a positive number of mutants")
+    if not args.report_only:
+        generate()
+    chosen = select(list(all_mutants()), args)
+    if not chosen:
+        print("mutation.sh: no mutated function changed; nothing to check")
+        return
+    print(f"mutation.sh: {len(chosen)} mutants")
+    # killed stays killed while the source is unchanged (mutmut forgets the results of a
+    # function whose source changed): the rest, survivors included, is checked (again)
+    status = all_mutants()
+    pending = [n for n in chosen if status.get(n) != "killed"]
+    if not args.report_only and pending:
+        jobs = ["--max-children", str(args.jobs)] if args.jobs else []
+        print(f"mutation.sh: checking {len(pending)} (the others were killed before)")
+        # mutmut exits 0 when it checked them all, whatever their status
+        mutmut("run", *jobs, *pending)
+    args.out = args.out.resolve()
+    report(chosen, args)
+
+
+if __name__ == "__main__":
+    main()
