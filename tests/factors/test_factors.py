@@ -57,6 +57,11 @@ def test_linear_with_weight_sharing(approx, bias):
         mean = rows.mean(1)
         ref = mean.T @ mean / 5
     torch.testing.assert_close(kfac_tn.input_factor(layer, x, approx), ref.unsqueeze(0))
+    # the diagonal's weight part, scale folded out (the diagonal bank's statistics)
+    diagonal, scale = kfac_tn.factors.input_factor_diagonal_sum(layer, x, approx)
+    torch.testing.assert_close(diagonal * scale, ref.diagonal()[:4].unsqueeze(0))
+    if approx == "expand":  # the default
+        torch.testing.assert_close(kfac_tn.factors.input_factor_diagonal_sum(layer, x), (diagonal, scale))
 
 
 def _curvlinops_factors(model, X, y, approx):

@@ -23,18 +23,23 @@ LAYERS = {
 
 @pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("m", [1, 2])
-def test_the_mean_over_all_subsets_is_the_exact_factor(name, m):
+@pytest.mark.parametrize("group_average", [False, True])
+@pytest.mark.parametrize("routes", ["cpu", "accelerator"])  # grouped layers: per-group Grams or windows
+def test_the_mean_over_all_subsets_is_the_exact_factor(name, m, group_average, routes):
     torch.manual_seed(0)
     make, shape = LAYERS[name]
     layer = make().double()
     x = torch.randn(*shape, dtype=torch.float64)
     out = layer(x)
     g = torch.randn_like(out)
-    A, G = kfac_tn.input_factor(layer, x, "expand"), kfac_tn.grad_output_factor(layer, g, "expand")
+    A = kfac_tn.input_factor(layer, x, "expand", group_average)
+    G = kfac_tn.grad_output_factor(layer, g, "expand", group_average=group_average)
     P = out[0].numel() // out.shape[1] if not isinstance(layer, nn.Linear) else out[0].numel() // out.shape[-1]
     subsets = [torch.tensor(s) for s in combinations(range(P), m)]
-    mean_A = sum(subsampled_input_factor(layer, x, m, positions=s) for s in subsets) / len(subsets)
-    mean_G = sum(subsampled_grad_output_factor(layer, g, m, positions=s) for s in subsets) / len(subsets)
+    with kfac_tn.use_routes(routes):
+        mean_A = sum(subsampled_input_factor(layer, x, m, group_average, positions=s) for s in subsets) / len(subsets)
+        mean_G = sum(subsampled_grad_output_factor(layer, g, m, group_average=group_average, positions=s)
+                     for s in subsets) / len(subsets)
     torch.testing.assert_close(mean_A, A)
     torch.testing.assert_close(mean_G, G)
 

@@ -119,7 +119,10 @@ def test_non_finite_gradients_skip_the_step():
     A_before = opt.kfac_state["0"]["A"].clone()
     X = X.clone()
     X[0, 0, 0, 0] = float("nan")
-    with pytest.warns(UserWarning, match="Non-finite gradients"):
+    # the warning says what happened and what to do
+    with pytest.warns(UserWarning, match=r"Non-finite gradients at step 1: the step was skipped \(parameters and "
+                      r"optimizer state as before it\)\. If this repeats, training has diverged: lower lr, raise "
+                      r"damping or lower kl_clip\."):
         _train(model, opt, 1, (X, y))
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert torch.equal(A_before, opt.kfac_state["0"]["A"])
@@ -404,6 +407,26 @@ def test_subsampled_factors_enter_the_running_averages(monkeypatch):
     assert not torch.allclose(opt.kfac_state["0"]["A"], exact["0"][0])
     with pytest.raises(ValueError, match="kfac_approx='expand'"):
         kfac_tn.KFAC(_model(), kfac_approx="reduce", subsample=0.5)
+
+
+def test_subsampled_factors_of_averaged_groups_are_the_exact_averaged_ones():
+    """grouped_conv='average' with subsample=1.0 (every position): the factors of the
+    unsampled path, averaged over the groups as well (not one block per group)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 25, 3))
+    X, y = torch.randn(5, 4, 5, 5), torch.randint(0, 3, (5,))
+    states = []
+    for subsample in (None, 1.0):
+        opt = kfac_tn.KFAC(model, lr=0.0, momentum=0.0, ema_decay=0.0, kfac_approx="expand",
+                           grouped_conv="average", subsample=subsample)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+        states.append({k: v for k, v in opt.kfac_state["0"].items() if k in ("A", "G")})
+        opt.remove_hooks()
+    assert states[0]["A"].shape[0] == 1  # one averaged block, not one per group
+    for key in ("A", "G"):
+        torch.testing.assert_close(states[1][key], states[0][key])
 
 
 def test_a_state_saved_with_eigh_continues_with_cholesky_inverses():

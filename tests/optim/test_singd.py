@@ -247,7 +247,8 @@ def test_wrappers_and_unsupported_layers():
     with pytest.raises(TypeError, match="DataParallel"):
         kfac_tn.SINGD(nn.DataParallel(_cnn()))
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    with pytest.warns(UserWarning, match="un-supported parameter"):
+    with pytest.warns(UserWarning, match=r"un-supported parameter.*layer\(s\) 1 \(BatchNorm2d\)\..*or pass warn_unsupported=False "
+                      "to silence this warning"):
         kfac_tn.SINGD(model)
 
 
