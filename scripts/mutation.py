@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import random
 import re
 import subprocess
@@ -32,6 +33,8 @@ MUTANTS = ROOT / "mutants"
 EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
 _NO_SUCH_MUTANT = "kfac_tn.__mutation_sh_generate_only__"
 _RESULT_LINE = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
+#: tests whose optimizer code runs in spawned processes, where mutmut's coverage does not look
+MULTIPROCESS_TESTS = ["tests/optim/test_distributed.py"]
 
 
 def mutmut(*args: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
@@ -111,6 +114,34 @@ def _functions(tree: ast.Module):
                     yield f"{node.name}.{item.name}", item
 
 
+def diff(name: str) -> str:
+    """The mutant's diff (``mutmut show``, its status line dropped)."""
+    return mutmut("show", name, check=False, quiet=True).stdout.split("\n", 1)[-1].rstrip()
+
+
+def check_multiprocess(names: list[str], timeout: float = 900.0) -> dict[str, str]:
+    """Status of mutants mutmut found no covering test for, from the multi-process tests.
+
+    Code that runs only in processes the tests spawn (the gloo ranks of the distributed
+    tests) is invisible to mutmut's coverage, so it reports "no tests". The mutant is
+    switched on the way mutmut does (``MUTANT_UNDER_TEST``, inherited by the ranks) and
+    ``MULTIPROCESS_TESTS`` run in mutmut's copy: a failure kills it.
+    """
+    found = {}
+    for name in names:
+        env = {**os.environ, "MUTANT_UNDER_TEST": name}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly",
+                                   "-p", "no:cacheprovider", *MULTIPROCESS_TESTS], cwd=MUTANTS, env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+            found[name] = "killed" if proc.returncode == 1 else "survived" if proc.returncode == 0 else \
+                f"no tests (pytest exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            found[name] = "killed"  # a hang (mutmut calls it a timeout, and a kill)
+        print(f"mutation.sh: {name}: {found[name]} (multi-process tests)", flush=True)
+    return found
+
+
 def read_equivalent() -> dict[str, str]:
     """``scripts/mutation_equivalent.txt``: mutant name -> why it cannot change behaviour."""
     found = {}
@@ -136,9 +167,10 @@ def select(names: list[str], args: argparse.Namespace) -> list[str]:
     return sorted(random.Random(args.seed).sample(names, min(args.sample, len(names))))
 
 
-def report(chosen: list[str], args: argparse.Namespace) -> dict:
-    """Print the per-module table and the survivors' diffs; return the report."""
-    status = all_mutants()
+def report(chosen: list[str], args: argparse.Namespace, extra: dict[str, str]) -> dict:
+    """Print the per-module table and the survivors' diffs; return the report (``extra``:
+    statuses found outside mutmut, by :func:`check_multiprocess`)."""
+    status = {**all_mutants(), **extra}
     equivalent = read_equivalent()
     table: dict[str, Counter] = defaultdict(Counter)
     survivors = []
@@ -162,8 +194,8 @@ def report(chosen: list[str], args: argparse.Namespace) -> dict:
           " ('other': no covering test, timeout, crash of the run itself or not checked)")
     for name, state in survivors:
         print(f"\n# {name}: {state}")
-        print(mutmut("show", name, check=False, quiet=True).stdout.split("\n", 1)[-1].rstrip())
-    result = {"selection": vars(args), "score": score, "totals": dict(total),
+        print(diff(name))
+    result = {"selection": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "score": score, "totals": dict(total),
               "modules": {m: dict(c) for m, c in sorted(table.items())},
               "survivors": [{"name": n, "status": s} for n, s in survivors],
               "equivalent": {n: equivalent[n] for n in chosen if n in equivalent}}
@@ -181,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--since", metavar="REF", help="check the functions changed since REF")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (0)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel mutants (all cores)")
+    parser.add_argument("--recheck", action="store_true", help="re-run the multi-process checks")
     parser.add_argument("--report-only", action="store_true", help="report the last results")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "mutation")
     args = parser.parse_args(argv)
@@ -203,7 +236,19 @@ def main(argv: list[str] | None = None) -> None:
         # mutmut exits 0 when it checked them all, whatever their status
         mutmut("run", *jobs, *pending)
     args.out = args.out.resolve()
-    report(chosen, args)
+    # kept by name and diff: a changed function's mutants get new numbers
+    cache_path = args.out / "multiprocess.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    status = all_mutants()
+    uncovered = {n: diff(n) for n in chosen if status.get(n) == "no tests"}
+    stale = [n for n, d in uncovered.items() if args.recheck or cache.get(n, {}).get("diff") != d]
+    if stale and not args.report_only:
+        for name, found in check_multiprocess(stale).items():
+            cache[name] = {"diff": uncovered[name], "status": found}
+        args.out.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(cache, indent=1, ensure_ascii=False) + "\n")
+    extra = {n: cache[n]["status"] for n, d in uncovered.items() if cache.get(n, {}).get("diff") == d}
+    report(chosen, args, extra)
 
 
 if __name__ == "__main__":
