@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import random
@@ -114,6 +115,7 @@ def _functions(tree: ast.Module):
                     yield f"{node.name}.{item.name}", item
 
 
+@functools.cache
 def diff(name: str) -> str:
     """The mutant's diff (``mutmut show``, its status line dropped)."""
     return mutmut("show", name, check=False, quiet=True).stdout.split("\n", 1)[-1].rstrip()
@@ -167,10 +169,9 @@ def select(names: list[str], args: argparse.Namespace) -> list[str]:
     return sorted(random.Random(args.seed).sample(names, min(args.sample, len(names))))
 
 
-def report(chosen: list[str], args: argparse.Namespace, extra: dict[str, str]) -> dict:
-    """Print the per-module table and the survivors' diffs; return the report (``extra``:
-    statuses found outside mutmut, by :func:`check_multiprocess`)."""
-    status = {**all_mutants(), **extra}
+def report(chosen: list[str], args: argparse.Namespace, status: dict[str, str]) -> dict:
+    """Print the per-module table and the survivors' diffs; return the report (``status``:
+    :func:`all_mutants`', with those :func:`check_multiprocess` found)."""
     equivalent = read_equivalent()
     table: dict[str, Counter] = defaultdict(Counter)
     survivors = []
@@ -221,25 +222,25 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--sample must be a positive number of mutants")
     if not args.report_only:
         generate()
-    chosen = select(list(all_mutants()), args)
+    status = all_mutants()
+    chosen = select(list(status), args)
     if not chosen:
         print("mutation.sh: no mutated function changed; nothing to check")
         return
     print(f"mutation.sh: {len(chosen)} mutants")
     # killed stays killed while the source is unchanged (mutmut forgets the results of a
     # function whose source changed): the rest, survivors included, is checked (again)
-    status = all_mutants()
     pending = [n for n in chosen if status.get(n) != "killed"]
     if not args.report_only and pending:
         jobs = ["--max-children", str(args.jobs)] if args.jobs else []
         print(f"mutation.sh: checking {len(pending)} (the others were killed before)")
         # mutmut exits 0 when it checked them all, whatever their status
         mutmut("run", *jobs, *pending)
+        status = all_mutants()
     args.out = args.out.resolve()
     # kept by name and diff: a changed function's mutants get new numbers
     cache_path = args.out / "multiprocess.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    status = all_mutants()
     uncovered = {n: diff(n) for n in chosen if status.get(n) == "no tests"}
     stale = [n for n, d in uncovered.items() if args.recheck or cache.get(n, {}).get("diff") != d]
     if stale and not args.report_only:
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         cache_path.write_text(json.dumps(cache, indent=1, ensure_ascii=False) + "\n")
     extra = {n: cache[n]["status"] for n, d in uncovered.items() if cache.get(n, {}).get("diff") == d}
-    report(chosen, args, extra)
+    report(chosen, args, {**status, **extra})
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from kfac_tn.optim.kfac_update import (
     INVERSE_KEYS,
     INVERSE_METHODS,
     absorb_,
+    cholesky_failure,
     invert_unchecked,
     kl_clip_,
     precondition,
@@ -387,8 +388,8 @@ class KFAC(torch.optim.Optimizer):
             if bool(f.any()):
                 damping = self.param_groups[self._group_index[name]]["damping"]
                 raise torch.linalg.LinAlgError(
-                    f"Cholesky of the damped {'A' if bool(f[0]) else 'G'} factor failed for layer {name!r}: "
-                    f"increase damping (now {damping}) or use inverse_method='eigh'.")
+                    f"{cholesky_failure(f)} for layer {name!r}: increase damping (now {damping}) or use "
+                    "inverse_method='eigh'.")
 
     def _update_inverses(self, force: bool) -> None:
         """Invert due factors, spread over rank groups if ``update_worker_fraction < 1``."""

@@ -86,8 +86,14 @@ def invert(
     """
     out, failed = invert_unchecked(A, G, damping, pi_damping, method, dtype, dims)
     if failed is not None and bool(failed.any()):
-        raise torch.linalg.LinAlgError(f"Cholesky of the damped {'A' if bool(failed[0]) else 'G'} factor failed")
+        raise torch.linalg.LinAlgError(cholesky_failure(failed))
     return out
+
+
+def cholesky_failure(failed: Tensor) -> str:
+    """What failed, from :func:`invert_unchecked`'s flags ``[A failed, G failed]`` (one of
+    them set; one host sync)."""
+    return f"Cholesky of the damped {'A' if bool(failed[0]) else 'G'} factor failed"
 
 
 def invert_unchecked(
