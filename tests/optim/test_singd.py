@@ -66,6 +66,24 @@ def test_trajectory_matches_stock_singd(structure, approx, stock_float64, routes
             torch.testing.assert_close(ours, ref, **tol)
 
 
+def test_block_bank_with_factors_of_whole_blocks_matches_stock(stock_float64):
+    """d_K = 60, d_C = 30 and d_K = 31, d_C = 4: factors made of whole 30-blocks (an empty
+    last block), one block and a last block, and a last block alone; K and C as stock's."""
+    data = (torch.randn(5, 59, dtype=torch.float64, generator=torch.Generator().manual_seed(4)),
+            torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(5)))
+    kwargs = dict(lr=0.1, lr_cov=0.2, T=1, alpha1=0.3, structures=("block30diagonal", "block30diagonal"))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(2)
+        models.append(nn.Sequential(nn.Linear(59, 30), nn.ReLU(), nn.Linear(30, 4)).double())
+    stock, ours = StockSINGD(models[0], **kwargs), kfac_tn.SINGD(models[1], **kwargs)
+    ref, got = _train(models[0], stock, data, 3), _train(models[1], ours, data, 3)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    for name in ("0", "2"):
+        for mine, theirs in ((ours.Ks[name], stock.Ks[name]), (ours.Cs[name], stock.Cs[name])):
+            torch.testing.assert_close(mine.to_dense(), theirs.to_dense(), rtol=1e-10, atol=1e-12)
+
+
 def test_grouped_average_matches_stock_singd():
     def model():
         torch.manual_seed(0)
@@ -96,7 +114,7 @@ class _Split(nn.Module):
         return torch.cat([p(xg) for p, xg in zip(self.parts, x.chunk(len(self.parts), 1))], 1)
 
 
-@pytest.mark.parametrize("structure", ["dense", "block30diagonal"])
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_grouped_exact_equals_split_layers(approx, structure):
     torch.manual_seed(0)
@@ -292,8 +310,10 @@ def test_non_finite_gradients_skip_the_step(structure, routes):
     X[0, 0, 0, 0] = float("inf")
     opt.zero_grad()
     nn.functional.cross_entropy(model(X), y).backward()
-    with pytest.warns(UserWarning, match="Encountered inf in gradients"):
+    with pytest.warns(UserWarning, match="Encountered inf in gradients") as record:
         opt.step()
+    # the statistics are non-finite too, but the gradients skipped the step: no layer is blamed
+    assert not [w for w in record if "curvature statistics" in str(w.message)]
     after = _snapshot(model, opt)
     assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
     assert not opt.H_Ks  # the step's statistics were dropped
