@@ -34,14 +34,19 @@ def damped_eigh(M: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition of symmetric PSD blocks ``[B, d, d]``: eigenvalues ``[B, d]``
     (clamped at 0) and eigenvectors ``[B, d, d]``, in ``dtype``.
 
-    LAPACK's float32 solver can fail to converge on ill-conditioned factors; then the
-    decomposition is repeated in float64 (and cast back), which is exact, not a fudge.
+    LAPACK's float32 solver can fail on ill-conditioned factors, with an error or silently
+    with NaN (MKL's batched solver on one thread, seen on a 2 × 201 × 201 factor); then the
+    decomposition is repeated in float64 (and cast back), which is exact, not a fudge. The
+    check costs one host sync per call (``torch.linalg.eigh`` has one on CUDA already).
     """
     M = M.to(dtype)
     M = (M + M.transpose(1, 2)) / 2
     try:
         evals, evecs = torch.linalg.eigh(M)
+        failed = not bool(torch.isfinite(evals).all() & torch.isfinite(evecs).all())
     except torch.linalg.LinAlgError:
+        failed = True
+    if failed:
         evals, evecs = torch.linalg.eigh(M.double())
         evals, evecs = evals.to(dtype), evecs.to(dtype)
     # contiguous: ranks that receive a broadcast copy must multiply with the same layout

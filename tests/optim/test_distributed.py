@@ -41,8 +41,9 @@ def _optimizer(name, model):
     if name.startswith(("ddp", "sum")):
         return _ddp_optimizer(name, model)
     if name.startswith(("kfac", "shard_kfac")):
-        fraction = 0.5 if name == "kfac_spread" else 1.0
-        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2, update_worker_fraction=fraction,
+        spread = name == "kfac_spread"  # worker groups; eigh: receive buffers for Q and eigenvalues
+        return kfac_tn.KFAC(model, lr=0.05, damping=1e-2, inverse_update_freq=2,
+                            update_worker_fraction=0.5 if spread else 1.0, inverse_method="eigh" if spread else "cholesky",
                             shard_preconditioner="shard" in name)
     if name.startswith("shard"):  # one process: sharding has no effect (the reference run)
         structures = ("diagonal", "dense") if "diag" in name else ("dense", "dense")

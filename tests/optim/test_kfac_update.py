@@ -74,6 +74,32 @@ def test_damped_eigh_reconstructs_the_symmetric_part_with_non_negative_eigenvalu
     torch.testing.assert_close(evecs @ torch.diag_embed(evals) @ evecs.transpose(1, 2), sym, atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("failure", ["error", "nan_eigenvalues", "nan_eigenvectors"])
+def test_damped_eigh_repeats_a_failed_float32_decomposition_in_float64(failure, monkeypatch):
+    """LAPACK's float32 eigh may raise or, silently, return NaN (MKL's batched solver did on a
+    2 × 201 × 201 KFAC factor): the result is then float64's decomposition, cast back."""
+    gen = torch.Generator().manual_seed(2)
+    M = _psd(3, 6, gen).float()  # full rank: eigenvectors unique up to sign
+    real_eigh = torch.linalg.eigh
+
+    def failing_float32_eigh(X):
+        if X.dtype != torch.float32:
+            return real_eigh(X)
+        if failure == "error":
+            raise torch.linalg.LinAlgError("did not converge")
+        evals, evecs = real_eigh(X)
+        (evals if failure == "nan_eigenvalues" else evecs)[1, 2] = float("nan")
+        return evals, evecs
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_float32_eigh)
+    evals, evecs = damped_eigh(M, torch.float32)
+    assert evals.dtype == evecs.dtype == torch.float32
+    sym = ((M + M.transpose(1, 2)) / 2).double()
+    expected_evals, expected_evecs = real_eigh(sym)
+    torch.testing.assert_close(evals, expected_evals.clamp_min(0).float())
+    torch.testing.assert_close(evecs.double().abs(), expected_evecs.abs(), atol=1e-6, rtol=0)  # signs: LAPACK's
+
+
 def test_cholesky_of_a_singular_undamped_factor_names_the_factor():
     A, G = torch.zeros(1, 3, 3, dtype=torch.float64), torch.eye(2, dtype=torch.float64)[None]
     with pytest.raises(torch.linalg.LinAlgError, match="damped A factor"):
