@@ -44,6 +44,26 @@ def test_precondition_solves_the_damped_kronecker_system(d_A, d_G, B, damping, p
         torch.testing.assert_close(out[b], expected, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["eigh", "cholesky"])
+def test_blocked_factor_takes_pi_from_its_unpadded_trace(method):
+    """A of d_A = 7 kept as 2 blocks of 4 (one padding entry, the identity): π² is
+    ``(tr A / 7) / (tr G / d_G)``, as for the block-diagonal dense A, not over the padding."""
+    from kfac_tn.optim.factor_blocks import diagonal_blocks
+
+    gen = torch.Generator().manual_seed(5)
+    A, G = 3.0 * _psd(1, 7, gen), _psd(1, 3, gen)
+    masked = A[0].clone()
+    masked[:4, 4:] = masked[4:, :4] = 0
+    V = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    blocks = diagonal_blocks(A, 2, 4)  # [1, 2, 4, 4]
+    (out,) = precondition(invert(blocks, G, 0.1, True, method, torch.float64, dims=(7, 3)), [V], torch.float64)
+    pi = math.sqrt((masked.trace() / 7) / (G[0].trace() / 3))
+    delta_A, delta_G = pi * math.sqrt(0.1), math.sqrt(0.1) / pi
+    expected = torch.linalg.solve(G[0] + delta_G * torch.eye(3, dtype=torch.float64), V) @ torch.linalg.inv(
+        masked + delta_A * torch.eye(7, dtype=torch.float64))
+    torch.testing.assert_close(out, expected, rtol=1e-8, atol=1e-10)
+
+
 def test_precondition_keeps_the_gradient_dtype_and_computes_in_the_inverse_dtype():
     gen = torch.Generator().manual_seed(0)
     A, G = _psd(1, 4, gen), _psd(1, 3, gen)
