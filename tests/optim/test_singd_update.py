@@ -19,6 +19,7 @@ from kfac_tn.optim.natural_gradient import (
 from kfac_tn.optim.riemannian_update import FactorPair, update_pairs_
 from kfac_tn.optim.structured_products import stock_projector
 from kfac_tn.optim.symmetric_sum import SymmetricSum
+from kfac_tn.runtime.workspace import Workspace
 
 STRUCTURES = StockSINGD.SUPPORTED_STRUCTURES
 #: hierarchical and Toeplitz matrices refuse float64 in singd's products
@@ -146,6 +147,23 @@ def test_block_natural_gradient_is_singds(structures, stock_float64):
     torch.testing.assert_close(block_natural_gradient(grad, K, C, stock_projector(K), stock_projector(C)), expected, **tol)
 
 
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+def test_block_natural_gradient_runs_K_then_C_products_in_their_dtypes(structure):
+    """float32 K, float64 C, float64 gradient: the K products round to float32, the C
+    products do not (the result is no float32 number cast to float64)."""
+    gen = torch.Generator().manual_seed(9)
+    cls = STRUCTURES[structure]
+    K, C = _matrix(cls, 6, torch.float32, gen, scale=0.3), _matrix(cls, 4, torch.float64, gen, scale=0.3)
+    grad = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    K_dense, C_dense = K.to_dense(), C.to_dense()
+    after_K = (grad.float() @ K_dense @ K_dense.T).double()  # singd's products, K's part in float32
+    expected = C_dense @ C_dense.T @ after_K
+    ours = block_natural_gradient(grad, K, C, dtype_K=torch.float32, dtype_C=torch.float64)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ours, ours.float().double())  # C's products kept float64's precision
+
+
 def test_stacked_natural_gradient_is_singds_per_block():
     gen = torch.Generator().manual_seed(6)
     Ks = [_matrix(DenseMatrix, 5, torch.float64, gen, 0.3) for _ in range(3)]
@@ -175,10 +193,13 @@ def test_diagonal_natural_gradient_scales_each_block(layer):
     k2, c2 = torch.rand(G, d_K, generator=gen, dtype=torch.float64), torch.rand(G, d_C, generator=gen, dtype=torch.float64)
     blocks = [torch.diag(c2[b]) @ g @ torch.diag(k2[b]) for b, g in enumerate(gradient_blocks(layer, False))]
     expected = from_matrix_blocks(layer, blocks, layer.bias is not None)
-    out = diagonal_natural_gradient(layer, k2, c2, group_average=False)
-    assert [p for p, _ in out] == [p for p in (layer.weight, layer.bias) if p is not None]
-    for (_, ours), theirs in zip(out, expected):
-        torch.testing.assert_close(ours, theirs)
+    grads = [p.grad.clone() for p in layer.parameters()]
+    for results in (None, Workspace()):  # results in new tensors or in a workspace
+        out = diagonal_natural_gradient(layer, k2, c2, group_average=False, results=results)
+        assert [p for p, _ in out] == [p for p in (layer.weight, layer.bias) if p is not None]
+        for (_, ours), theirs in zip(out, expected):
+            torch.testing.assert_close(ours, theirs)
+        assert all(torch.equal(p.grad, g) for p, g in zip(layer.parameters(), grads))  # gradients untouched
 
 
 def test_diagonal_natural_gradients_of_many_layers_at_once():
