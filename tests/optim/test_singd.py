@@ -211,13 +211,16 @@ def test_state_dict_round_trip_is_bit_identical(structures, pending):
     assert torch.equal(resumed, uninterrupted)
 
 
-@pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal", "hierarchical15_15"])
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "block30diagonal", "hierarchical15_15",
+                                       ("block30diagonal", "diagonal")])
 def test_normalized_lr_cov_matches_stock(structure, stock_float64, routes):
-    """normalize_lr_cov divides the step size by the momentum's largest entry (per factor)."""
+    """normalize_lr_cov divides the step size by the momentum's largest entry (per factor);
+    mixed structures: per-layer storage instead of a bank."""
+    structure = structure if isinstance(structure, tuple) else (structure, structure)
     dtype = torch.float64
     X, y = _data((6, 3, 7, 7))
     data = (30 * X.to(dtype), y)  # large statistics: the momenta's entries exceed 1, so it matters
-    kwargs = dict(lr=0.1, lr_cov=0.5, T=1, structures=(structure, structure), normalize_lr_cov=True,
+    kwargs = dict(lr=0.1, lr_cov=0.5, T=1, structures=structure, normalize_lr_cov=True,
                   alpha1=0.3, damping=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
