@@ -7,7 +7,10 @@ calls a mutant *killed* when one of them fails. This script picks which mutants 
 - ``--sample N --seed S``: a fixed random sample of N mutants over all mutated modules;
 - ``--module kfac_tn/optim/kfac_update.py``: every mutant of one module;
 - ``--since REF``: every mutant of the functions whose lines changed since the commit REF
-  (``git diff REF``, uncommitted changes included).
+  (``git diff REF``, uncommitted changes included);
+- ``--names FILE``: the mutants a report (``report.json``'s ``"mutants"``) or a file of names
+  (one per line) lists, e.g. a sample again after new tests: the same names even where the
+  source changed elsewhere (a sample of a changed list of mutants is another sample).
 
 It then prints the per-module table (mutants, killed, survived, equivalent, other) and the
 survivors with their diffs, and writes ``<out>/report.json``. Mutants listed in
@@ -163,6 +166,14 @@ def select(names: list[str], args: argparse.Namespace) -> list[str]:
         if not chosen:
             sys.exit(f"mutation.sh: no mutants in {module}; is it under [tool.mutmut] only_mutate?")
         return chosen
+    if args.names:
+        text = args.names.read_text()
+        wanted = json.loads(text)["mutants"] if args.names.suffix == ".json" else text.split()
+        missing = sorted(set(wanted) - set(names))
+        if missing:
+            print(f"mutation.sh: {len(missing)} listed mutants no longer exist (their functions changed), "
+                  f"e.g. {missing[0]}")
+        return sorted(set(wanted) & set(names))
     if args.since:
         touched = changed_functions(args.since)
         return [n for n in names if (module_of(n), function_of(n)) in touched]
@@ -199,7 +210,7 @@ def report(chosen: list[str], args: argparse.Namespace, status: dict[str, str]) 
     result = {"selection": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "score": score, "totals": dict(total),
               "modules": {m: dict(c) for m, c in sorted(table.items())},
               "survivors": [{"name": n, "status": s} for n, s in survivors],
-              "equivalent": {n: equivalent[n] for n in chosen if n in equivalent}}
+              "equivalent": {n: equivalent[n] for n in chosen if n in equivalent}, "mutants": chosen}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(f"\nreport: {args.out / 'report.json'}")
@@ -212,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--sample", type=int, default=250, help="random mutants to check (250)")
     mode.add_argument("--module", help="check every mutant of this file, e.g. kfac_tn/optim/kfac.py")
     mode.add_argument("--since", metavar="REF", help="check the functions changed since REF")
+    mode.add_argument("--names", type=Path, metavar="FILE", help="check the mutants a report.json or a list names")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (0)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel mutants (all cores)")
     parser.add_argument("--recheck", action="store_true", help="re-run the multi-process checks")

@@ -5,6 +5,7 @@
 #   bash scripts/mutation.sh --sample 400 --seed 1
 #   bash scripts/mutation.sh --module kfac_tn/optim/kfac_update.py
 #   bash scripts/mutation.sh --since origin/main  # the functions a change touches
+#   bash scripts/mutation.sh --names results/mutation/report.json  # the last run's mutants again
 #   bash scripts/mutation.sh --report-only        # the table of the last results
 #
 # Run it before a change to the optimizer core or the factors lands (docs/development.md says

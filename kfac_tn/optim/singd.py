@@ -278,6 +278,7 @@ class SINGD(StockSINGD):
         self._in_flight: list = []
         self._banks: list[tuple[int, DiagonalBank | BlockBank]] = []  # (param group index, bank)
         self._bank_of: dict[str, DiagonalBank | BlockBank] = {}
+        self._storage: dict[str, str] = {}  # layer -> where its K and C are kept (describe())
         self._diagonal_views: dict[str, tuple[Tensor, ...]] = {}  # per diagonal-bank layer: views of K², C²
         self._deferred = DeferredFlags()
         try:
@@ -354,7 +355,8 @@ class SINGD(StockSINGD):
                         "torch.float32), or use a dense, diagonal or block-diagonal structure (these run "
                         "in float64)."
                     )
-            kind = self._bank_kind(structures, dtype_K, dtype_C)
+            kind, why = self._bank_kind(structures, dtype_K, dtype_C)
+            self._storage[name] = why if kind is not None else f"per layer ({why})"
             if kind is not None:
                 key = (kind, self.param_to_group_idx[module.weight.data_ptr()], dtype_K, dev)
                 banked.setdefault(key, {})[name] = (G, dim_K, dim_C)
@@ -401,20 +403,41 @@ class SINGD(StockSINGD):
             out[name] = float(num_blocks(module, self._group_average) * per_block * momenta)
         return out
 
-    def _bank_kind(self, structures, dtype_K: torch.dtype, dtype_C: torch.dtype) -> str | None:
-        """The structure whose bank holds a layer's K and C (``"diagonal"`` or a block-diagonal
-        structure's name), or None for per-layer storage: banks need one structure and one
-        dtype for K and C, and every rank updating every layer."""
+    def _bank_kind(self, structures, dtype_K: torch.dtype, dtype_C: torch.dtype) -> tuple[str | None, str]:
+        """``(kind, why)``: the structure whose bank holds a layer's K and C (``"diagonal"``
+        or a block-diagonal structure's name), or None for per-layer storage, and why (see
+        :meth:`describe`): banks need one structure and one dtype for K and C, and every
+        rank updating every layer."""
         K_structure, C_structure = structures
-        if K_structure != C_structure or dtype_K != dtype_C or self.update_worker_fraction != 1.0:
-            return None
-        if self.subsample is not None or self.shard_preconditioner:  # dense A and G / per-layer storage
-            return None
-        if K_structure == "diagonal":
-            return K_structure
-        if issubclass(self.SUPPORTED_STRUCTURES[K_structure], BlockDiagonalMatrixTemplate):
-            return K_structure
-        return None
+        if K_structure != C_structure:
+            return None, "K and C have different structures"
+        if dtype_K != dtype_C:
+            return None, "K and C have different dtypes"
+        if self.update_worker_fraction != 1.0:
+            return None, "update_worker_fraction < 1"
+        if self.subsample is not None:  # randomized statistics come as dense A and G
+            return None, "subsample"
+        if self.shard_preconditioner:
+            return None, "shard_preconditioner"
+        if K_structure == "diagonal" or issubclass(self.SUPPORTED_STRUCTURES[K_structure],
+                                                   BlockDiagonalMatrixTemplate):
+            return K_structure, f"in the {K_structure} bank"
+        return None, f"{K_structure} has no bank"
+
+    def describe(self) -> str:
+        """One line per layer: the structures and dimensions of its K and C, its groups,
+        update period T, and where K and C are kept (one of the banks that update all
+        their layers at once, or per layer, and why)."""
+        lines = []
+        for module, name in self.module_names.items():
+            dim_K, dim_C = block_dims(module, self._group_average)
+            K_structure, C_structure = self._get_param_group_entry(module, "structures")
+            G = num_blocks(module, self._group_average)
+            groups = f" × {G} groups" if G > 1 else ""
+            kept = self._storage.get(name, "on another rank")
+            lines.append(f"{name}: K {dim_K} {K_structure}, C {dim_C} {C_structure}{groups}, "
+                         f"T {self._get_param_group_entry(module, 'T')}; {kept}")
+        return "\n".join(lines)
 
     def _bind_bank_views(self, bank: DiagonalBank | BlockBank) -> None:
         """``Ks, Cs, m_Ks, m_Cs`` of the bank's layers: singd matrices viewing its buffers."""

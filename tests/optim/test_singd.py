@@ -625,3 +625,22 @@ def test_step_leaves_every_grad_as_it_was(optimizer):
         if p.grad is not None:
             assert torch.equal(p.grad, grads[name]), name
     torch.testing.assert_close(model[0].bias, bias)
+
+
+@pytest.mark.parametrize("kwargs, kept", [
+    (dict(), "per layer (dense has no bank)"),
+    (dict(structures=("diagonal", "diagonal")), "in the diagonal bank"),
+    (dict(structures=("block30diagonal", "block30diagonal")), "in the block30diagonal bank"),
+    (dict(structures=("block30diagonal", "block30diagonal"), subsample=0.5), "per layer (subsample)"),
+    (dict(structures=("diagonal", "diagonal"), update_worker_fraction=0.5), "per layer (update_worker_fraction < 1)"),
+    (dict(structures=("diagonal", "diagonal"), preconditioner_dtype=(torch.float64, torch.float32)),
+     "per layer (K and C have different dtypes)"),
+    (dict(structures=("diagonal", "dense")), "per layer (K and C have different structures)"),
+])
+def test_describe_names_each_layers_structures_and_storage(kwargs, kept):
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 9, 5))
+    opt = kfac_tn.SINGD(model, T=3, **kwargs)
+    K, C = kwargs.get("structures", ("dense", "dense"))
+    assert opt.describe().splitlines() == [f"0: K 19 {K}, C 3 {C} × 2 groups, T 3; {kept}",
+                                           f"3: K 55 {K}, C 5 {C}, T 3; {kept}"]
+    assert (opt._bank_of != {}) == kept.startswith("in the")  # what describe says is what runs
