@@ -959,9 +959,10 @@ class SINGD(StockSINGD):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict`, or stock singd's (its matrix objects, one
-        per layer); a state of another model is an error."""
+        per layer); a state of another model is an error. Without ``H_Ks``/``H_Cs`` it has
+        no pending statistics."""
         state_dict = dict(state_dict)
-        for key in ("Ks", "Cs"):
+        for key in ("Ks", "Cs", "m_Ks", "m_Cs"):  # (pending statistics H_Ks, H_Cs may be left out)
             if not isinstance(state_dict.get(key), dict):
                 raise ValueError(f"State dict has no {key!r}: not a kfac_tn.SINGD state.")
         for key in MATRIX_STATE:

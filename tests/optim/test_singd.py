@@ -230,6 +230,38 @@ def test_normalized_lr_cov_matches_stock(structure, stock_float64, routes):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+def test_a_state_without_pending_statistics_loads_and_one_without_momenta_is_refused(structure):
+    """Saved between backward() and step(), less H_Ks/H_Cs: the run goes on as one whose
+    pending statistics were cleared. Less m_Ks or m_Cs: an error, not momenta lost silently."""
+    X, y = _data((4, 3, 7, 7))
+    kwargs = dict(T=1, alpha1=0.3, lr_cov=0.2, structures=(structure, structure))
+    model = _cnn()
+    opt = kfac_tn.SINGD(model, **kwargs)
+    _train(model, opt, (X, y), 1)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()  # pending statistics
+    state = copy.deepcopy(opt.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    stripped = {k: v for k, v in state.items() if k not in ("H_Ks", "H_Cs")}
+    resumed_model = copy.deepcopy(model)
+    for p, g in zip(resumed_model.parameters(), grads):
+        p.grad = g.clone()
+    resumed = kfac_tn.SINGD(resumed_model, **kwargs)
+    resumed.load_state_dict(stripped)
+    opt._H_K_blocks.clear(), opt._H_C_blocks.clear()  # the reference: statistics dropped
+    for o in (opt, resumed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (no statistics for the update: warned)
+            o.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(resumed_model.parameters(), grads))
+    for ours, theirs in zip(resumed_model.parameters(), model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    for key in ("m_Ks", "m_Cs"):
+        with pytest.raises(ValueError, match=f"no '{key}'"):
+            kfac_tn.SINGD(_cnn(), **kwargs).load_state_dict({k: v for k, v in state.items() if k != key})
+
+
 def test_state_dict_of_another_model_is_rejected():
     m1 = _cnn()
     state = kfac_tn.SINGD(m1).state_dict()
