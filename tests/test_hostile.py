@@ -7,6 +7,7 @@
 | non-finite loss or gradients | step skipped, warning, state intact (same files) |
 | a layer used twice in one forward (weight tying) | both uses contribute statistics; trains |
 | inputs changing shape between steps | contraction re-planned, no crash |
+| an empty batch (`X[:0]`), alone or as a micro-batch | no statistics, zero gradients: the trajectory without it |
 | eval-mode forward / torch.no_grad | no statistics captured |
 | model moved to another dtype/device after the optimizer was built | RuntimeError naming the layer |
 | state dict of another model | ValueError naming the mismatch (same files) |
@@ -381,6 +382,46 @@ class _Checkpointed(nn.Module):
 
 def _trajectory(model, opt, X, y, steps=3):
     return train(model, opt, X, y, steps)
+
+
+def _summed_steps(model, opt, batches):
+    """One step per entry of ``batches``, a list of micro-batches ``(X, y)``, summed losses."""
+    import warnings
+
+    for micro_batches in batches:
+        opt.zero_grad()
+        for X, y in micro_batches:
+            nn.functional.cross_entropy(model(X), y, reduction="sum").backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (SINGD: no statistics at an empty step)
+            opt.step()
+    return flat_parameters(model)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_an_empty_batch_contributes_nothing(name):
+    """An empty micro-batch next to a full one, and a step on an empty batch alone (zero
+    gradients, no statistics): without momentum, the trajectory of the same steps without
+    them; with momentum μ, the empty step moves the parameters by μ times the previous
+    step's move, as torch.optim.SGD's momentum does on a zero gradient."""
+    gen = torch.Generator().manual_seed(3)
+    X1, X2 = torch.randn(2, 5, 3, 6, 6, generator=gen)
+    y1, y2 = torch.randint(0, 3, (2, 5), generator=gen)
+    empty = (X1[:0], y1[:0])
+    no_momentum = {"singd": lambda m: kfac_tn.SINGD(m, lr=0.05, lr_cov=0.1, T=1, momentum=0.0),
+                   "kfac": lambda m: kfac_tn.KFAC(m, lr=0.05, damping=1e-2, inverse_update_freq=1, momentum=0.0)}
+    runs = []
+    for batches in ([[(X1, y1)], [(X2, y2)]], [[(X1, y1), empty], [empty], [empty, (X2, y2)]]):
+        model = _conv_net()
+        runs.append(_summed_steps(model, no_momentum[name](model), batches))
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)
+    model = _conv_net()
+    opt = OPTIMIZERS[name](model)  # momentum 0.9
+    before = flat_parameters(model)
+    first = _summed_steps(model, opt, [[(X1, y1)]])
+    second = _summed_steps(model, opt, [[empty]])
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    torch.testing.assert_close(second - first, 0.9 * (first - before))
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -5,7 +5,7 @@ holds it anyway for the weight gradient) and registers a tensor hook on the outp
 so the callback sees ``(name, module, input, grad_output)`` during the backward pass.
 Tensor hooks, not module backward hooks, so in-place activations after the layer
 (``ReLU(inplace=True)``) work. Nothing is captured under ``torch.no_grad()``, in eval
-mode, or when ``is_due`` says no; nothing is kept after the callback ran.
+mode, from an empty batch, or when ``is_due`` says no; nothing is kept after the callback ran.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ class LayerCapture:
             if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
                 raise ValueError(f"Layer {name!r} must be called with exactly one tensor input.")
             x = inputs[0].detach()
+            if x.numel() == 0:  # an empty batch: no samples, no statistics (the step goes on)
+                return
             callback = self._on_backward
 
             def tensor_hook(grad_output: Tensor) -> None:

@@ -741,7 +741,7 @@ class SINGD(StockSINGD):
             return
         warn_user(
             f"No curvature statistics were captured for layer {name!r} at step {self.steps} "
-            "(no backward pass through it, eval mode or torch.no_grad()); its pre-conditioner "
+            "(no backward pass through it, an empty batch, eval mode or torch.no_grad()); its pre-conditioner "
             "is left unchanged.")
 
     def _gradient_scale(self) -> float:
