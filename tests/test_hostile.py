@@ -8,6 +8,8 @@
 | a layer used twice in one forward (weight tying) | both uses contribute statistics; trains |
 | inputs changing shape between steps | contraction re-planned, no crash |
 | an empty batch (`X[:0]`), alone or as a micro-batch | no statistics, zero gradients: the trajectory without it |
+| one sample without its batch dimension (`layer(x[0])`) | a batch of one |
+| SINGD on a model with lazy layers (`LazyLinear`) | ValueError naming them: run one forward pass first (KFAC takes them) |
 | eval-mode forward / torch.no_grad | no statistics captured |
 | model moved to another dtype/device after the optimizer was built | RuntimeError naming the layer |
 | state dict of another model | ValueError naming the mismatch (same files) |
@@ -422,6 +424,47 @@ def test_an_empty_batch_contributes_nothing(name):
     second = _summed_steps(model, opt, [[empty]])
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
     torch.testing.assert_close(second - first, 0.9 * (first - before))
+
+
+class _ConvHead(nn.Module):
+    """Conv2d, Conv1d and a Linear head, for batched and unbatched inputs alike."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv2d, self.conv1d, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv1d(4, 5, 2), nn.Linear(25, 3)
+
+    def forward(self, x):  # [(B,) 3, 6, 6]
+        x = torch.relu(self.conv2d(x))  # [(B,) 4, 6, 6]
+        rows = torch.relu(self.conv1d(x[..., 0, :]))  # [(B,) 5, 5]
+        return self.head(rows.flatten(-2))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_an_unbatched_call_is_a_batch_of_one(name):
+    """One sample without its batch dimension (Linear ``[d]``, Conv1d ``[C, L]``, Conv2d
+    ``[C, H, W]``, as torch accepts): the trajectory of the same sample as a batch of one."""
+    gen = torch.Generator().manual_seed(4)
+    X, y = torch.randn(3, 3, 6, 6, generator=gen), torch.randint(0, 3, (3,), generator=gen)
+    runs = []
+    for batched in (True, False):
+        model = _ConvHead()
+        opt = OPTIMIZERS[name](model)
+        for x, target in zip(X, y):
+            opt.zero_grad()
+            out = model(x.unsqueeze(0)) if batched else model(x)
+            nn.functional.cross_entropy(out, target.unsqueeze(0) if batched else target).backward()
+            opt.step()
+        runs.append(flat_parameters(model))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-7)
+
+
+def test_singd_on_a_lazy_layer_asks_for_one_forward_pass_first():
+    model = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"0.weight, 0.bias not yet .*run one forward pass"):
+        kfac_tn.SINGD(model)
+    model(torch.randn(2, 4))
+    kfac_tn.SINGD(model)  # initialized: fine
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

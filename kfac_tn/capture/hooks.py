@@ -6,6 +6,7 @@ so the callback sees ``(name, module, input, grad_output)`` during the backward 
 Tensor hooks, not module backward hooks, so in-place activations after the layer
 (``ReLU(inplace=True)``) work. Nothing is captured under ``torch.no_grad()``, in eval
 mode, from an empty batch, or when ``is_due`` says no; nothing is kept after the callback ran.
+An unbatched call (one sample without its batch dimension, as torch allows) is a batch of one.
 """
 
 from __future__ import annotations
@@ -77,12 +78,16 @@ class LayerCapture:
             x = inputs[0].detach()
             if x.numel() == 0:  # an empty batch: no samples, no statistics (the step goes on)
                 return
+            unbatched = _unbatched(module, x)
+            if unbatched:  # one sample without a batch dimension, as torch allows: a batch of one
+                x = x.unsqueeze(0)
             callback = self._on_backward
 
             def tensor_hook(grad_output: Tensor) -> None:
                 live = callback()
                 if live is not None:
-                    live(name, module, x, grad_output.detach())
+                    g = grad_output.detach()
+                    live(name, module, x, g.unsqueeze(0) if unbatched else g)
 
             output.register_hook(tensor_hook)
 
@@ -93,6 +98,15 @@ class LayerCapture:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+def _unbatched(module: nn.Module, x: Tensor) -> bool:
+    """Whether ``x`` is one sample without its batch dimension: ``[d_in]`` for a Linear,
+    ``[C, *spatial]`` for an N-d (transposed) convolution, whose weight has N + 2 dimensions."""
+    if isinstance(module, nn.Linear):
+        return x.dim() == 1
+    weight = getattr(module, "weight", None)
+    return isinstance(module, nn.modules.conv._ConvNd) and weight is not None and x.dim() == weight.dim() - 1
 
 
 def _weak(function: Callable) -> Callable[[], Callable | None]:

@@ -244,6 +244,11 @@ class SINGD(StockSINGD):
     ):
         check_model(model)
         model = unwrap_model(model)
+        lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:  # stock's constructor keys parameters by their storage, which lazy ones lack
+            raise ValueError(f"SINGD needs initialized parameters; {', '.join(lazy)} not yet (a lazy layer, "
+                             "e.g. LazyLinear): run one forward pass, e.g. model(example_batch), before building "
+                             "the optimizer (kfac_tn.KFAC accepts lazy layers as they are).")
         if max_dense_dim is not None:  # kfac_tn's cost control; stock has no such argument
             if params is not None:
                 raise ValueError("max_dense_dim builds the param groups itself: leave params=None, or pass "
